@@ -1,0 +1,1 @@
+"""sd-workbench bench stage (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""sd-workbench compress stage (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""sd-workbench export stage (see DESIGN.md)."""
