@@ -232,9 +232,16 @@ def all_attribute_combinations() -> list[dict[str, str]]:
 def vocabulary() -> list[str]:
     """Every word any template can produce, in a stable order (used to build tokenizers)."""
     words: list[str] = []
-    texts = [t.format(size=" ".join(SIZES), color=" ".join(COLORS), shape=" ".join(SHAPES),
-                      where=" ".join(POSITION_PHRASES.values()), background=" ".join(BACKGROUNDS))
-             for t in TEMPLATES]
+    texts = [
+        t.format(
+            size=" ".join(SIZES),
+            color=" ".join(COLORS),
+            shape=" ".join(SHAPES),
+            where=" ".join(POSITION_PHRASES.values()),
+            background=" ".join(BACKGROUNDS),
+        )
+        for t in TEMPLATES
+    ]
     for text in texts:
         for w in _WORD.findall(text):
             if w not in words:

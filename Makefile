@@ -1,0 +1,52 @@
+# sd-workbench: the two commands of the README, plus lint.
+#   make demo   create the environment, then run the main job on the builtin model
+#   make test   create the environment, then run the test suite
+# The environment is .venv/; a stamp file makes re-runs skip the install until pyproject.toml
+# changes. On machines without nvidia-smi the CPU build of torch is installed first, so pip
+# does not pull a multi-GB CUDA build; override with TORCH_CPU="torch==X --index-url URL".
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sdwb-installed
+TORCH_CPU ?= torch==2.13.0
+PIP_FLAGS ?=
+PYTEST_ARGS ?=
+DEMO_DIR ?= runs/demo
+DEMO_PROMPTS := -p "a small red circle at the top on a gray background" \
+	-p "a large blue square on the left on a white background" \
+	-p "a small yellow triangle in the center on a black background" \
+	-p "a large green circle at the bottom on a gray background"
+
+.PHONY: venv test demo lint
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+		|| { echo "error: $(PYTHON) is older than Python 3.10"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "no nvidia-smi: installing the CPU build of torch first ($(TORCH_CPU))"; \
+		$(BIN)/python -m pip install $(PIP_FLAGS) $(TORCH_CPU); \
+	fi
+	$(BIN)/python -m pip install $(PIP_FLAGS) -e '.[dev]'
+	@touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+
+demo: venv
+	$(BIN)/sdwb models
+	$(BIN)/sdwb data preview -n 16 -o $(DEMO_DIR)/data.png
+	@if $(BIN)/python -c 'from sdwb.zoo import get_builtin as g; exit(not g("tiny-shapes").available())'; then \
+		$(BIN)/sdwb generate --model builtin:tiny-shapes $(DEMO_PROMPTS) --batch 4 --steps 20 \
+			-o $(DEMO_DIR)/generated.png; \
+	else \
+		echo "builtin:tiny-shapes is not trained yet (sdwb baseline train): skipping generation"; \
+	fi
+	@echo "demo outputs in $(DEMO_DIR)/:"; ls -1 $(DEMO_DIR) | sed 's/^/  /'

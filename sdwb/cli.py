@@ -1,0 +1,327 @@
+"""The ``sdwb`` command line (typer + rich).
+
+Why one entry point with one error policy: every command either does its job or prints exactly
+one line ``error: <what was wrong with which input>`` on stderr and exits non-zero; an unexpected
+exception becomes ``error: internal: <Type>: <message>`` (``SDWB_DEBUG=1`` shows the traceback).
+Heavy libraries (torch, diffusers) are imported inside the commands so ``sdwb --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sdwb import __version__
+from sdwb.errors import SdwbError
+
+app = typer.Typer(
+    name="sdwb",
+    help="sd-workbench: make Stable Diffusion cheaper to run and prove it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+data_app = typer.Typer(help="The procedural shapes data set.", no_args_is_help=True)
+config_app = typer.Typer(help="Recipes: validate and resolve YAML files in configs/.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+try:  # `sdwb baseline train` lives with the training code; the CLI works without it
+    from sdwb.train.cli import baseline_app
+except ModuleNotFoundError as _exc:
+    if _exc.name not in ("sdwb.train", "sdwb.train.cli"):
+        raise
+else:
+    app.add_typer(baseline_app, name="baseline")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a recipe key, e.g. generate.steps=4."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sdwb {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """sd-workbench: make Stable Diffusion cheaper to run and prove it."""
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+# --------------------------------------------------------------------------- models
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the builtin models: what each is for, whether quality metrics apply, whether present."""
+    from sdwb.zoo import list_models
+
+    rows = [
+        {
+            "name": m.name,
+            "description": m.description,
+            "quality_metrics": bool(m.quality_metrics),
+            "available": bool(m.available()),
+            "location": m.location,
+        }
+        for m in list_models()
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="builtin models", show_lines=True)
+    table.add_column("name", no_wrap=True, style="bold")
+    table.add_column("quality\nmetrics", no_wrap=True)
+    table.add_column("what it is for", overflow="fold", ratio=3)
+    table.add_column("status, location", overflow="fold", ratio=1, min_width=18)
+    for r in rows:
+        status = "[green]available[/]" if r["available"] else "[red]missing[/]"
+        table.add_row(r["name"], "yes" if r["quality_metrics"] else "no", escape(r["description"]),
+                      f"{status}\n{escape(r['location'])}")
+    _console().print(table)
+    _console().print(
+        "Also accepted as --model: a local diffusers pipeline directory, or a hub id already in the "
+        "local Hugging Face cache (nothing is downloaded)."
+    )
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SdwbError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise SdwbError(f"--device {device}: expected auto, cpu or cuda[:N]")
+    return device
+
+
+def _image_grid(images: list, columns: int):
+    """Paste equally sized PIL images into a grid, row-major."""
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+GENERATE_HELP = (
+    "Generate images from a model.\n\n"
+    "One image is written to OUTPUT. With several (more than one --prompt, or --batch > 1) OUTPUT is a "
+    "grid (one row per prompt, one column per image of that prompt) and every image is also written "
+    "beside it as STEM-NNN.SUFFIX. Image k (prompt-major order) is seeded with seed + k. "
+    "STEM.json beside OUTPUT records the resolved recipe, the prompts, seeds and files.\n\n"
+    "Precedence: flags, then --set, then the --config file, then the defaults."
+)
+
+
+@app.command(help=GENERATE_HELP)
+def generate(
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt (repeat for several).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Image file to write (.png/.jpg).")],
+    model: Annotated[
+        Optional[str], typer.Option("--model", "-m", help="builtin:NAME, a directory, or a cached hub id.")
+    ] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default 30).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default 7.5).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of image 0; image k uses seed+k.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="ddim | euler | dpmpp (default ddim).")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Images per prompt (default 1).")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: model's).")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: model's).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="fp32 | bf16 | fp16 (default fp32).")] = None,
+    backend: Annotated[str, typer.Option(help="Inference backend (only torch so far).")] = "torch",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="Recipe YAML; flags override it.")
+    ] = None,
+    set_: SetOption = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Generate images (see GENERATE_HELP): recipe + flags -> pipeline -> image files + json."""
+    from sdwb.config import config_hash, load_recipe, recipe_from_dict, resolved_dict
+    from sdwb.runs import atomic_save_image, atomic_write_json, check_writable_file
+
+    if backend != "torch":
+        raise SdwbError(f"--backend {backend}: not supported by `sdwb generate` yet (supported: torch)")
+    recipe = load_recipe(config, set_)
+    flags = {"model": model, "steps": steps, "guidance": guidance, "seed": seed, "scheduler": scheduler,
+             "batch": batch, "height": height, "width": width, "dtype": dtype}
+    data = resolved_dict(recipe)
+    for key, value in flags.items():
+        if value is not None:
+            (data if key == "model" else data["generate"])[key] = value
+    recipe = recipe_from_dict(data, "command line")
+    g = recipe.generate
+    output = check_writable_file(output, IMAGE_SUFFIXES)
+    device = _resolve_device(device)
+
+    import torch
+
+    from sdwb.generate import generate as run_generate
+    from sdwb.loading import load_pipeline
+
+    _disable_library_progress_bars()
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[g.dtype]
+    started = time.perf_counter()
+    with _console().status(f"loading {recipe.model}", spinner="dots"):
+        pipe = load_pipeline(recipe.model, device=device, dtype=torch_dtype)
+    prompts = [p for p in prompt for _ in range(g.batch)]
+    images = run_generate(pipe, prompts, steps=g.steps, guidance=g.guidance, seed=g.seed,
+                          scheduler=g.scheduler, batch=g.batch, height=g.height, width=g.width,
+                          progress=progress)
+    files = []
+    if len(images) == 1:
+        atomic_save_image(images[0], output)
+        files.append(str(output))
+    else:
+        for k, img in enumerate(images):
+            path = output.with_name(f"{output.stem}-{k:03d}{output.suffix}")
+            atomic_save_image(img, path)
+            files.append(str(path))
+        atomic_save_image(_image_grid(images, columns=g.batch if len(prompt) > 1 else len(images)), output)
+    record = {
+        "command": "generate",
+        "sdwb_version": __version__,
+        "model": recipe.model,
+        "backend": backend,
+        "device": device,
+        "output": str(output),
+        "images": [{"prompt": p, "seed": g.seed + k, "file": f}
+                   for k, (p, f) in enumerate(zip(prompts, files))],
+        "seconds": round(time.perf_counter() - started, 3),
+        "config_hash": config_hash(recipe),
+        "config": resolved_dict(recipe),
+    }
+    meta = atomic_write_json(output.with_suffix(".json"), record)
+    typer.echo(f"wrote {output} ({len(images)} image{'s' if len(images) > 1 else ''}) and {meta}")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@data_app.command("preview")
+def data_preview(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Grid image to write (.png).")],
+    count: Annotated[int, typer.Option("-n", "--count", help="Number of samples (1-256).")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the first sample (train stream).")] = 0,
+    columns: Annotated[int, typer.Option(help="Grid columns.")] = 4,
+) -> None:
+    """Write a grid of shapes data-set samples with their captions (+ a .json of their attributes)."""
+    from sdwb import shapes
+    from sdwb.runs import atomic_save_image, atomic_write_json, check_writable_file
+
+    if not 1 <= count <= 256:
+        raise SdwbError(f"--count {count}: expected 1 to 256 samples")
+    if seed < 0:
+        raise SdwbError(f"--seed {seed}: expected a seed >= 0")
+    if columns < 1:
+        raise SdwbError(f"--columns {columns}: expected at least 1")
+    output = check_writable_file(output, IMAGE_SUFFIXES)
+    grid = shapes.preview_grid(count=count, seed=seed, columns=columns)
+    atomic_save_image(grid, output)
+    samples = [shapes.sample_from_seed(seed + i).to_dict() for i in range(count)]
+    meta = atomic_write_json(output.with_suffix(".json"), {"command": "data preview", "samples": samples})
+    typer.echo(f"wrote {output} ({count} samples) and {meta}")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: SetOption = None,
+) -> None:
+    """Validate a recipe and print it resolved (defaults filled in, --set applied) as YAML."""
+    from sdwb.config import config_hash, load_recipe, resolved_yaml
+
+    recipe = load_recipe(file, set_)
+    typer.echo(f"# {file}: valid; config hash {config_hash(recipe)}")
+    typer.echo(resolved_yaml(recipe), nl=False)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _quiet_libraries() -> None:
+    """Offline, and no library chatter on stderr: only our own output and ``error:`` lines.
+
+    Environment variables already set by the user win (``TRANSFORMERS_VERBOSITY=info`` ...).
+    """
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                       ("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+        os.environ.setdefault(key, value)
+
+
+def _disable_library_progress_bars() -> None:
+    """diffusers/transformers draw tqdm bars while loading; ours (rich) replace them."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; turn errors into one ``error:`` line on stderr and a non-zero exit code."""
+    _quiet_libraries()
+    try:
+        app(args=argv, prog_name="sdwb")
+    except SdwbError as e:
+        if os.environ.get("SDWB_DEBUG") == "1":
+            raise
+        sys.stderr.write(f"error: {_one_line(e)}\n")
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(130)
+    except Exception as e:
+        if os.environ.get("SDWB_DEBUG") == "1":
+            raise
+        sys.stderr.write(
+            f"error: internal: {type(e).__name__}: {_one_line(e)} (set SDWB_DEBUG=1 for a traceback)\n"
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Resolve a model spec to a loaded pipeline (or judge), offline, with one-line errors.
+
+A spec is one of: ``builtin:<name>`` (see :mod:`sdwb.zoo`), a local directory in diffusers
+layout (HF layout for a judge), or a hub id ``org/name`` looked up in the local Hugging Face
+cache. Nothing is ever downloaded. Why the checks before ``from_pretrained``: diffusers and
+transformers fail on a missing component or truncated file with long tracebacks that do not
+say which file; here every failure is an :class:`SdwbError` naming what was looked for and where.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+import torch
+
+from sdwb.errors import SdwbError
+from sdwb.zoo import BUILTIN_PREFIX, get_builtin, missing_message
+
+PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+PIPELINE_CLASS = "StableDiffusionPipeline"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now (not at import time)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(xdg).expanduser() / "huggingface" / "hub"
+
+
+def resolve_hub_id(repo_id: str) -> Path:
+    """The local snapshot directory of ``repo_id`` in the HF cache; never touches the network."""
+    from huggingface_hub import snapshot_download
+
+    cache = hf_cache_dir()
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except Exception as exc:  # LocalEntryNotFoundError, HFValidationError, broken cache
+        raise SdwbError(
+            f"model '{repo_id}' is not a local directory and not in the Hugging Face cache at {cache} "
+            f"(looked for {cache / ('models--' + repo_id.replace('/', '--'))}; nothing is downloaded): "
+            f"{type(exc).__name__}"
+        ) from None
+
+
+def resolve_spec(spec: str, kind: str = "pipeline") -> Path | None:
+    """The directory a spec names (None for a model built in code). ``kind``: pipeline | judge."""
+    if spec.startswith(BUILTIN_PREFIX):
+        model = get_builtin(spec)
+        if model.kind != kind:
+            what = "a diffusion pipeline" if kind == "pipeline" else "a CLIP judge"
+            raise SdwbError(f"{model.name} is not {what} ({model.description.split(';')[0]})")
+        if not model.available():
+            raise SdwbError(missing_message(model))
+        return model.path
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if _HUB_ID.match(spec):
+        return resolve_hub_id(spec)
+    raise SdwbError(f"model directory not found: {path.resolve()} (expected a {_layout(kind)} directory)")
+
+
+def _layout(kind: str) -> str:
+    return "diffusers StableDiffusionPipeline" if kind == "pipeline" else "Hugging Face CLIPModel"
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a truncated or corrupt safetensors file by reading only its header.
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's
+    byte range, then the data; the ranges must lie in, and exactly cover, the data section.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"file is {size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ValueError(f"header claims {n} bytes but the file has {size - 8} after the length")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        data = size - 8 - n
+        end = 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, stop = info["data_offsets"]
+            if not 0 <= begin <= stop <= data:
+                raise ValueError(
+                    f"tensor '{name}' spans bytes {begin}-{stop} of a {data}-byte data section (truncated?)"
+                )
+            end = max(end, stop)
+        if end != data:
+            raise ValueError(f"tensors cover {end} bytes but the data section has {data}")
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise SdwbError(f"corrupt weights: {path}: {exc}") from None
+
+
+def _check_weights(directory: Path) -> None:
+    for file in sorted(directory.rglob("*.safetensors")):
+        check_safetensors(file)
+
+
+def _check_pipeline_layout(path: Path) -> None:
+    if not path.is_dir():
+        raise SdwbError(f"not a directory: {path} (expected a {_layout('pipeline')} directory)")
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise SdwbError(f"not a diffusers pipeline directory: no model_index.json in {path}")
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise SdwbError(f"corrupt model_index.json: {index_file}: {exc}") from None
+    cls = index.get("_class_name") if isinstance(index, dict) else None
+    if cls != PIPELINE_CLASS:
+        raise SdwbError(f"wrong layout: {index_file} describes a {cls}, expected a {PIPELINE_CLASS}")
+    for comp in PIPELINE_COMPONENTS:
+        entry = index.get(comp)
+        if not isinstance(entry, list) or None in entry:
+            raise SdwbError(f"wrong layout: {index_file} lists no '{comp}' component")
+        if not (path / comp).is_dir():
+            raise SdwbError(f"wrong layout: {path} has no {comp}/ directory (listed in model_index.json)")
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating parameter/buffer to ``dtype`` (fp16-stored weights -> fp32 etc.)."""
+    if any(t.is_floating_point() and t.dtype != dtype for t in [*module.parameters(), *module.buffers()]):
+        # nn.Module.to: diffusers' ModelMixin.to logs a spurious fp32-modules warning on casts.
+        torch.nn.Module.to(module, dtype=dtype)
+
+
+def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A ``StableDiffusionPipeline`` for ``spec``, in ``dtype`` on ``device``, safety checker off."""
+    if spec.startswith(BUILTIN_PREFIX) and get_builtin(spec).asset is None:
+        from sdwb.sd15 import build_sd15_pipeline
+
+        return build_sd15_pipeline(device=device, dtype=dtype)
+    path = resolve_spec(spec, "pipeline")
+    _check_pipeline_layout(path)
+    _check_weights(path)
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True
+        )
+    except Exception as exc:
+        raise SdwbError(
+            f"could not load diffusers pipeline from {path}: {type(exc).__name__}: {exc}"
+        ) from None
+    for name in ("unet", "vae", "text_encoder"):
+        module = getattr(pipe, name)
+        _cast(module, dtype)
+        module.eval().requires_grad_(False)
+    if device != "cpu":
+        pipe = pipe.to(device)
+    return pipe
+
+
+def load_judge(spec: str = "builtin:shapes-judge", device: str = "cpu"):
+    """``(CLIPModel, CLIPProcessor)`` for ``spec`` in fp32, eval mode, offline."""
+    path = resolve_spec(spec, "judge")
+    if not path.is_dir():
+        raise SdwbError(f"not a directory: {path} (expected a {_layout('judge')} directory)")
+    if not (path / "config.json").is_file():
+        raise SdwbError(f"not a Hugging Face model directory: no config.json in {path}")
+    _check_weights(path)
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        model = CLIPModel.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise SdwbError(f"could not load CLIP judge from {path}: {type(exc).__name__}: {exc}") from None
+    _cast(model, torch.float32)
+    return model.to(device).eval().requires_grad_(False), processor

@@ -1,0 +1,1 @@
+"""Training of the builtin models (judge, VAE, UNet + text encoder)."""

@@ -1,0 +1,105 @@
+"""Typed configuration of `sdwb baseline train` (defaults = the run that produced the shipped weights).
+
+Why: the shipped models must be reproducible from a command and a config that validates itself.
+``--fast`` swaps in :func:`fast_config`, a one-to-two-minute version used by the tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sdwb.errors import SdwbError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JudgeTrain(_Strict):
+    steps: int = Field(1200, ge=1)
+    batch: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    warmup: int = Field(100, ge=0)
+    weight_decay: float = 0.05
+    eval_images: int = Field(1080, ge=1, description="held-out images for the zero-shot accuracy")
+
+
+class VaeTrain(_Strict):
+    steps: int = Field(1200, ge=1)
+    batch: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup: int = Field(50, ge=0)
+    kl_weight: float = Field(2e-4, ge=0, description="weight of the mean per-element KL term")
+
+
+class UnetTrain(_Strict):
+    steps: int = Field(4500, ge=1)
+    batch: int = Field(64, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    warmup: int = Field(200, ge=0)
+    caption_dropout: float = Field(0.1, ge=0, lt=1, description="share of empty captions (for CFG)")
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    min_snr_gamma: float | None = Field(5.0, description="Min-SNR loss weighting; null = plain MSE")
+    latent_pool: int = Field(32768, ge=1, description="pre-encoded training images (random templates)")
+
+
+class EvalConfig(_Strict):
+    prompts: int = Field(270, ge=1)
+    steps: int = Field(50, ge=1)
+    guidance: float = 7.5
+    scheduler: Literal["ddim", "euler", "dpmpp"] = "ddim"
+    batch: int = Field(54, ge=1)
+    grid: int = Field(36, ge=0, description="images in the saved grid")
+
+
+class BaselineTrainConfig(_Strict):
+    seed: int = 0
+    precision: Literal["bf16", "fp32"] = "bf16"
+    checkpoint_every: int = Field(200, ge=1)
+    store_dtype: Literal["fp16", "fp32"] = Field("fp16", description="dtype of the saved tiny-shapes weights")
+    judge: JudgeTrain = JudgeTrain()
+    vae: VaeTrain = VaeTrain()
+    unet: UnetTrain = UnetTrain()
+    eval: EvalConfig = EvalConfig()
+
+
+def fast_config() -> BaselineTrainConfig:
+    """A 1-2 minute end-to-end run: every stage, a handful of steps. Quality is not the point."""
+    return BaselineTrainConfig(
+        checkpoint_every=10,
+        judge=JudgeTrain(steps=20, batch=32, warmup=2, eval_images=64),
+        vae=VaeTrain(steps=20, batch=8, warmup=2),
+        unet=UnetTrain(steps=30, batch=16, warmup=2, latent_pool=256),
+        eval=EvalConfig(prompts=8, steps=4, batch=8, grid=8),
+    )
+
+
+def load_train_config(path: str | Path | None, fast: bool = False) -> BaselineTrainConfig:
+    """The config from a YAML file (unknown keys are errors), or the defaults / the fast preset."""
+    if path is None:
+        return fast_config() if fast else BaselineTrainConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise SdwbError(f"training config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SdwbError(f"{path}: malformed YAML: {str(exc).splitlines()[0]}") from exc
+    base = fast_config().model_dump() if fast else {}
+    try:
+        return BaselineTrainConfig.model_validate(_merge(base, data))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise SdwbError(f"{path}: {where}: {err['msg']}") from exc
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

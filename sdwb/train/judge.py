@@ -1,0 +1,114 @@
+"""Train `builtin:shapes-judge`: a transformers CLIPModel, contrastively, on the shapes domain.
+
+Why: CLIP score and attribute accuracy need a referee independent of the model under test.
+Captions in a batch often repeat an attribute combination (there are only 540), so the
+contrastive loss uses *soft* targets: every caption whose attributes match an image is a
+positive for it. Images get light noise and blur so the judge also reads imperfect generations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sdwb import shapes
+from sdwb.tiny_arch import MAX_TOKENS, build_judge_processor, judge_config
+from sdwb.tokenizer import save_tokenizer
+from sdwb.train.common import Checkpointer, autocast, cosine_lr, run_loop, step_generator
+from sdwb.train.config import BaselineTrainConfig
+
+JUDGE_STREAM_OFFSET = 5_000_000  # the judge reads other train seeds than the diffusion model
+JUDGE_EVAL_OFFSET = 500_000  # held-out judge images: eval-range seeds, not the eval prompts' ones
+
+
+def images_to_judge_pixels(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) in [-1, 1]: what the judge's processor produces."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per-image random noise (std up to 0.1) and, for a third of the batch, a 3x3 blur."""
+    b = pixels.shape[0]
+    std = torch.rand(b, 1, 1, 1, generator=gen) * 0.1
+    out = pixels + std * torch.randn(pixels.shape, generator=gen)
+    blur = torch.rand(b, generator=gen) < 0.33
+    if blur.any():
+        out[blur] = F.avg_pool2d(out[blur], 3, stride=1, padding=1, count_include_pad=False)
+    return out.clamp(-1, 1)
+
+
+def attribute_keys(samples: list[shapes.ShapeSample]) -> torch.Tensor:
+    """An integer id per attribute combination, to find the positives of each image."""
+    combos = {tuple(c.values()): i for i, c in enumerate(shapes.all_attribute_combinations())}
+    return torch.tensor([combos[tuple(s.attributes.values())] for s in samples])
+
+
+def soft_contrastive_loss(logits_per_image: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE where all captions with the image's attributes are positives."""
+    positives = (keys[:, None] == keys[None, :]).float()
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    loss_i = -(targets * logits_per_image.float().log_softmax(dim=1)).sum(dim=1).mean()
+    loss_t = -(targets * logits_per_image.float().T.log_softmax(dim=1)).sum(dim=1).mean()
+    return (loss_i + loss_t) / 2
+
+
+def train_judge(cfg: BaselineTrainConfig, out_dir: Path, work_dir: Path, accelerator, progress=True) -> dict:
+    """Train the judge, save it in Hugging Face CLIP layout to ``out_dir``; returns its eval."""
+    from transformers import CLIPConfig, CLIPModel
+
+    jc = cfg.judge
+    tokenizer = save_tokenizer(work_dir / "tokenizer", model_max_length=MAX_TOKENS)
+    torch.manual_seed(cfg.seed + 1)
+    model = CLIPModel(
+        CLIPConfig(**judge_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id))
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=jc.lr, weight_decay=jc.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    def step_fn(step: int) -> dict[str, float]:
+        for g in optimizer.param_groups:
+            g["lr"] = jc.lr * cosine_lr(step, jc.steps, jc.warmup)
+        first = JUDGE_STREAM_OFFSET // jc.batch + step * world + rank
+        images, captions, samples = shapes.train_batch(first, jc.batch)
+        gen = step_generator(cfg.seed, step, stream=rank)
+        pixels = augment(images_to_judge_pixels(images), gen).to(accelerator.device)
+        tokens = tokenizer(captions, padding=True, return_tensors="pt").to(accelerator.device)
+        with autocast(accelerator.device, cfg.precision):
+            out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
+        loss = soft_contrastive_loss(out.logits_per_image, attribute_keys(samples).to(accelerator.device))
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.item()}
+
+    ckpt = Checkpointer(work_dir / "checkpoint", {"judge": accelerator.unwrap_model(model)}, optimizer)
+    run_loop(
+        name="judge",
+        total_steps=jc.steps,
+        step_fn=step_fn,
+        checkpointer=ckpt,
+        checkpoint_every=cfg.checkpoint_every,
+        log_path=work_dir.parent / "train_log.jsonl",
+        progress=progress,
+    )
+    model = accelerator.unwrap_model(model).cpu().float().eval()
+    processor = build_judge_processor(tokenizer)
+    result = evaluate_judge(model, processor, jc.eval_images)
+    if accelerator.is_main_process:
+        model.save_pretrained(out_dir, safe_serialization=True)
+        processor.save_pretrained(out_dir)
+    return result
+
+
+def evaluate_judge(model, processor, count: int) -> dict:
+    """Zero-shot colour/shape/position accuracy on ``count`` held-out data-set images."""
+    from sdwb.judge import ShapesJudge
+
+    samples = [shapes.sample_from_seed(shapes.EVAL_SEED_BASE + JUDGE_EVAL_OFFSET + i) for i in range(count)]
+    judge = ShapesJudge(model, processor)
+    preds = judge.classify([s.render() for s in samples], [s.attributes for s in samples])
+    return {"images": count, **{f"{k}_acc": round(v, 4) for k, v in preds.accuracy().items()}}

@@ -1,0 +1,104 @@
+"""The model zoo: the builtin models, what each is for, and whether it is present.
+
+Why: ``builtin:<name>`` is how recipes and the CLI name the project's own models. Two are
+trained by the project and shipped under ``sdwb/assets/`` (absent until ``sdwb baseline train``
+has produced them); ``sd15-arch`` is SD 1.5's architecture built in code (:mod:`sdwb.sd15`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+BUILTIN_PREFIX = "builtin:"
+TRAIN_COMMAND = "sdwb baseline train"
+
+
+def assets_dir() -> Path:
+    """The directory holding the shipped weights of the builtin models."""
+    return Path(__file__).resolve().parent / "assets"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """One builtin model. ``kind`` is ``"pipeline"`` (diffusers SD) or ``"judge"`` (CLIP)."""
+
+    name: str
+    description: str
+    quality_metrics: bool
+    kind: str
+    asset: str | None  # sub-directory of assets_dir(); None: built in code
+
+    @property
+    def path(self) -> Path | None:
+        """Where the shipped weights live, or None for a model built in code."""
+        return assets_dir() / self.asset if self.asset else None
+
+    @property
+    def location(self) -> str:
+        """The assets path as text, or ``"built in code"``."""
+        return str(self.path) if self.path else "built in code"
+
+    @property
+    def marker(self) -> str | None:
+        """The file whose presence means the model is shipped (None for built-in-code models)."""
+        if self.asset is None:
+            return None
+        return "model_index.json" if self.kind == "pipeline" else "config.json"
+
+    def available(self) -> bool:
+        """True when the model can be loaded now (its directory is shipped, or it is code)."""
+        return self.path is None or (self.path / self.marker).is_file()
+
+
+_MODELS = (
+    BuiltinModel(
+        name="builtin:tiny-shapes",
+        description="Tiny Stable Diffusion (UNet2DConditionModel + AutoencoderKL + CLIP text encoder) "
+        "trained by the project on the shapes data set; the default model, quality is measurable",
+        quality_metrics=True,
+        kind="pipeline",
+        asset="tiny-shapes",
+    ),
+    BuiltinModel(
+        name="builtin:shapes-judge",
+        description="CLIP model trained separately on the shapes domain; scores CLIP score and "
+        "attribute accuracy of tiny-shapes and its variants (not a generator)",
+        quality_metrics=True,
+        kind="judge",
+        asset="shapes-judge",
+    ),
+    BuiltinModel(
+        name="builtin:sd15-arch",
+        description="Stable Diffusion 1.5's real architecture (UNet 859.5 M params, 512x512) with "
+        "seeded random weights: full-scale latency, memory and export; no meaningful images",
+        quality_metrics=False,
+        kind="pipeline",
+        asset=None,
+    ),
+)
+
+
+def list_models() -> list[BuiltinModel]:
+    """All builtin models, in display order."""
+    return list(_MODELS)
+
+
+def get_builtin(name: str) -> BuiltinModel:
+    """The builtin model called ``name`` (with or without the ``builtin:`` prefix)."""
+    from sdwb.errors import SdwbError
+
+    full = name if name.startswith(BUILTIN_PREFIX) else BUILTIN_PREFIX + name
+    for model in _MODELS:
+        if model.name == full:
+            return model
+    known = ", ".join(m.name for m in _MODELS)
+    raise SdwbError(f"unknown builtin model '{name}': expected one of {known}")
+
+
+def missing_message(model: BuiltinModel) -> str:
+    """The one-line error for a shipped model whose directory is not there yet."""
+    return (
+        f"{model.name} has not been trained/shipped yet: no {model.marker} in {model.path} "
+        f"(run `{TRAIN_COMMAND}` to produce it)"
+    )
