@@ -42,6 +42,15 @@ except ModuleNotFoundError as _exc:
 else:
     app.add_typer(baseline_app, name="baseline")
 
+from bench.cli import bench_command  # noqa: E402  (imports only typer; heavy imports are lazy)
+from bench.report_cli import report_command  # noqa: E402
+
+from export.cli import export_app  # noqa: E402
+
+app.add_typer(export_app, name="export")
+app.command("bench")(bench_command)
+app.command("report")(report_command)
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SetOption = Annotated[
     Optional[list[str]],

@@ -38,6 +38,12 @@ def run_dir(name: str, recipe_hash: str, root: str | Path = "runs") -> Path:
     return Path(root) / f"{name}-{recipe_hash[:8]}"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically: a temp file beside it, fsync, then ``os.replace``."""
     path = Path(path)
@@ -48,6 +54,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -91,6 +98,7 @@ def atomic_dir(final_path: str | Path, overwrite: bool = False) -> Iterator[Path
         raise SdwbError(f"{final}: already exists (refusing to overwrite a finished artifact)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual directory mode
     try:
         yield tmp
         if final.exists():  # overwrite: move the old one aside, swap in the new one, then delete

@@ -45,9 +45,20 @@ def test_baseline_recipe_loads():
     assert [s.kind for s in recipe.stages] == ["generate"]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+RECIPES = sorted(p for d in ("recipes", "examples") for p in (ROOT / "configs" / d).rglob("*.yaml"))
+BENCH_CONFIGS = sorted((ROOT / "configs" / "bench").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_is_valid(path):
     assert isinstance(load_recipe(path), Recipe)
+
+
+@pytest.mark.parametrize("path", BENCH_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_bench_config_is_valid(path):
+    from bench.scenario import load_bench_config
+
+    assert load_bench_config(path, []).scenarios()
 
 
 def test_defaults_and_name_from_file_stem(tmp_path):

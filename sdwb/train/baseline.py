@@ -114,7 +114,13 @@ def train_baseline(cfg: BaselineTrainConfig, out: Path, progress: bool = True, e
 
 
 def save_pipeline(directory: Path, vae, text_encoder, tokenizer, unet, cfg: BaselineTrainConfig) -> None:
-    """Save the StableDiffusionPipeline (weights in ``cfg.store_dtype``) plus its sdwb.json."""
+    """Save the StableDiffusionPipeline plus its sdwb.json.
+
+    With ``store_dtype="fp16"`` the UNet and VAE are stored in fp16 (half the bytes) and the text
+    encoder stays fp32: diffusers upcasts its own models to the pipeline's fp32 default on a plain
+    ``from_pretrained(path)``, but transformers keeps a stored fp16 text encoder in fp16, which
+    would feed fp16 states into an fp32 UNet.
+    """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from sdwb.tiny_arch import scheduler_config
@@ -130,7 +136,8 @@ def save_pipeline(directory: Path, vae, text_encoder, tokenizer, unet, cfg: Base
         requires_safety_checker=False,
     )
     if cfg.store_dtype == "fp16":
-        pipe.to(torch.float16)
+        unet.to(torch.float16)
+        vae.to(torch.float16)
     pipe.save_pretrained(directory, safe_serialization=True)
     params = {
         name: sum(p.numel() for p in m.parameters())

@@ -20,7 +20,7 @@ class _Strict(BaseModel):
 
 
 class JudgeTrain(_Strict):
-    steps: int = Field(1200, ge=1)
+    steps: int = Field(800, ge=1)
     batch: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0)
     warmup: int = Field(100, ge=0)
@@ -29,15 +29,16 @@ class JudgeTrain(_Strict):
 
 
 class VaeTrain(_Strict):
-    steps: int = Field(1200, ge=1)
+    steps: int = Field(800, ge=1)
     batch: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup: int = Field(50, ge=0)
+    calib_images: int = Field(512, ge=2, description="held-out images for scaling factor and PSNR")
     kl_weight: float = Field(2e-4, ge=0, description="weight of the mean per-element KL term")
 
 
 class UnetTrain(_Strict):
-    steps: int = Field(4500, ge=1)
+    steps: int = Field(3500, ge=1)
     batch: int = Field(64, ge=1)
     lr: float = Field(5e-4, gt=0)
     warmup: int = Field(200, ge=0)
@@ -60,7 +61,7 @@ class BaselineTrainConfig(_Strict):
     seed: int = 0
     precision: Literal["bf16", "fp32"] = "bf16"
     checkpoint_every: int = Field(200, ge=1)
-    store_dtype: Literal["fp16", "fp32"] = Field("fp16", description="dtype of the saved tiny-shapes weights")
+    store_dtype: Literal["fp16", "fp32"] = Field("fp16", description="storage dtype of the tiny-shapes UNet and VAE")
     judge: JudgeTrain = JudgeTrain()
     vae: VaeTrain = VaeTrain()
     unet: UnetTrain = UnetTrain()
@@ -71,10 +72,10 @@ def fast_config() -> BaselineTrainConfig:
     """A 1-2 minute end-to-end run: every stage, a handful of steps. Quality is not the point."""
     return BaselineTrainConfig(
         checkpoint_every=10,
-        judge=JudgeTrain(steps=20, batch=32, warmup=2, eval_images=64),
-        vae=VaeTrain(steps=20, batch=8, warmup=2),
-        unet=UnetTrain(steps=30, batch=16, warmup=2, latent_pool=256),
-        eval=EvalConfig(prompts=8, steps=4, batch=8, grid=8),
+        judge=JudgeTrain(steps=10, batch=16, warmup=2, eval_images=32),
+        vae=VaeTrain(steps=10, batch=8, warmup=2, calib_images=32),
+        unet=UnetTrain(steps=15, batch=8, warmup=2, latent_pool=64),
+        eval=EvalConfig(prompts=4, steps=3, batch=4, grid=4),
     )
 
 

@@ -1,9 +1,15 @@
 """Train `builtin:shapes-judge`: a transformers CLIPModel, contrastively, on the shapes domain.
 
 Why: CLIP score and attribute accuracy need a referee independent of the model under test.
-Captions in a batch often repeat an attribute combination (there are only 540), so the
-contrastive loss uses *soft* targets: every caption whose attributes match an image is a
-positive for it. Images get light noise and blur so the judge also reads imperfect generations.
+Two losses:
+- in-batch contrastive with *soft* targets (captions in a batch often repeat an attribute
+  combination, so every caption whose attributes match an image is a positive for it); this
+  teaches all caption templates;
+- cross-entropy of each image against the canonical captions of all 540 combinations, which is
+  exactly the zero-shot classification the judge is used for. Without it, negatives that differ
+  from an image in its shape alone are rare in a batch and shape accuracy stalls (first run:
+  colour 100 %, position 100 %, shape 68 %).
+Images get light noise and blur so the judge also reads imperfect generations.
 """
 
 from __future__ import annotations
@@ -55,6 +61,12 @@ def soft_contrastive_loss(logits_per_image: torch.Tensor, keys: torch.Tensor) ->
     return (loss_i + loss_t) / 2
 
 
+def _pad_to(ids: torch.Tensor, length: int) -> torch.Tensor:
+    """Right-pad token ids / masks to ``length`` columns with zeros (masked out; the text tower
+    pools at the first end-of-text token, which stays in place)."""
+    return F.pad(ids, (0, length - ids.shape[1]))
+
+
 def train_judge(cfg: BaselineTrainConfig, out_dir: Path, work_dir: Path, accelerator, progress=True) -> dict:
     """Train the judge, save it in Hugging Face CLIP layout to ``out_dir``; returns its eval."""
     from transformers import CLIPConfig, CLIPModel
@@ -68,6 +80,9 @@ def train_judge(cfg: BaselineTrainConfig, out_dir: Path, work_dir: Path, acceler
     optimizer = torch.optim.AdamW(model.parameters(), lr=jc.lr, weight_decay=jc.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     world, rank = accelerator.num_processes, accelerator.process_index
+    combos = shapes.all_attribute_combinations()
+    canonical = tokenizer([shapes.caption_for(c, 0) for c in combos], padding=True, return_tensors="pt")
+    canonical = canonical.to(accelerator.device)
 
     def step_fn(step: int) -> dict[str, float]:
         for g in optimizer.param_groups:
@@ -77,13 +92,20 @@ def train_judge(cfg: BaselineTrainConfig, out_dir: Path, work_dir: Path, acceler
         gen = step_generator(cfg.seed, step, stream=rank)
         pixels = augment(images_to_judge_pixels(images), gen).to(accelerator.device)
         tokens = tokenizer(captions, padding=True, return_tensors="pt").to(accelerator.device)
+        length = max(tokens.input_ids.shape[1], canonical.input_ids.shape[1])
+        input_ids = torch.cat([_pad_to(tokens.input_ids, length), _pad_to(canonical.input_ids, length)])
+        mask = torch.cat([_pad_to(tokens.attention_mask, length), _pad_to(canonical.attention_mask, length)])
+        keys = attribute_keys(samples).to(accelerator.device)
         with autocast(accelerator.device, cfg.precision):
-            out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
-        loss = soft_contrastive_loss(out.logits_per_image, attribute_keys(samples).to(accelerator.device))
+            out = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels)
+        logits = out.logits_per_image.float()  # (B, B + 540): batch captions, then all combinations
+        contrastive = soft_contrastive_loss(logits[:, : len(samples)], keys)
+        classify = F.cross_entropy(logits[:, len(samples) :], keys)
+        loss = contrastive + classify
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.item()}
+        return {"loss": loss.item(), "classify": classify.item()}
 
     ckpt = Checkpointer(work_dir / "checkpoint", {"judge": accelerator.unwrap_model(model)}, optimizer)
     run_loop(

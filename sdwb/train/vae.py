@@ -81,7 +81,7 @@ def train_vae(cfg: BaselineTrainConfig, work_dir: Path, accelerator, progress=Tr
         progress=progress,
     )
     vae = vae.cpu().float().eval()
-    return vae, calibrate_and_evaluate(vae)
+    return vae, calibrate_and_evaluate(vae, vc.calib_images)
 
 
 @torch.no_grad()

@@ -1,0 +1,340 @@
+"""``run_bench``: load every variant once, then images, latency, memory and quality -> results.
+
+Order and why: (1) every model is loaded first, so a missing or broken model fails before any
+time is spent; (2) the quality images (all prompts, ``images/<variant>/<i>.png``) are generated
+next, which also warms every variant up; (3) latency runs interleaved across variants
+(:mod:`bench.latency`); (4) memory runs each variant in a fresh subprocess
+(:mod:`bench.memory`), after latency so the probes never compete with timed runs; (5) quality
+scores the saved images (``bench.quality.compute_quality``): the judge and the expected
+attributes for the shapes prompts, the rendered data-set images as the CMMD reference (the
+baseline's images otherwise) and the baseline variant's images for PSNR/SSIM. Quality stays
+empty for models where it means nothing (``builtin:sd15-arch``).
+
+After every phase the rows so far are saved as ``results.partial.*`` (images under
+``images.partial/``); an error or Ctrl-C saves them too and re-raises. Only a finished run swaps
+``images.partial/`` in as ``images/`` and writes ``results.csv``/``results.json`` and
+``config.resolved.yaml``, so the files of an earlier complete run in the same directory stay
+intact and consistent until a new run has finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.scenario import SHAPES_EVAL, SUPPORTED_BACKENDS, BenchConfig, Scenario, load_prompts, resolved_dict
+from sdwb.errors import SdwbError
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+IMAGES, PARTIAL_IMAGES = "images", "images.partial"
+NOT_APPLICABLE = "not applicable: {model} has random weights"
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[name])
+
+
+def preflight(scenarios: list[Scenario]) -> list[Scenario]:
+    """Check what can be checked before loading anything; resolve ``device: auto``."""
+    import torch
+
+    out = []
+    for s in scenarios:
+        if s.backend not in SUPPORTED_BACKENDS:
+            raise SdwbError(f"variant {s.variant}: backend {s.backend} is not supported yet "
+                            f"(supported: {', '.join(SUPPORTED_BACKENDS)})")
+        device = s.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise SdwbError(f"variant {s.variant}: device cuda requested but CUDA is not available here")
+        out.append(s.model_copy(update={"device": device}))
+    from sdwb.loading import resolve_spec
+
+    for s in out:
+        try:
+            resolve_spec(s.model, "pipeline")
+        except SdwbError as e:
+            raise SdwbError(f"variant {s.variant}: {e}") from None
+    for judge in sorted({s.judge for s in out if "quality" in s.metrics and s.quality_applies}):
+        try:
+            resolve_spec(judge, "judge")
+        except SdwbError as e:
+            raise SdwbError(f"judge: {e} (or leave quality out: metrics latency,memory)") from None
+    return out
+
+
+class _Bars:
+    """A rich progress display with one bar per phase, or nothing when disabled."""
+
+    def __init__(self, progress):
+        self.progress = progress
+
+    def task(self, description: str, total: int):
+        if self.progress is None:
+            return lambda n=1: None
+        task = self.progress.add_task(description, total=total)
+        return lambda n=1: self.progress.advance(task, n)
+
+
+@contextlib.contextmanager
+def _bars(enabled: bool) -> Iterator[_Bars]:
+    if not enabled:
+        yield _Bars(None)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns) as progress:
+        yield _Bars(progress)
+
+
+class _Run:
+    """The state of one benchmark run: rows so far, images, where to save."""
+
+    def __init__(self, config: BenchConfig, scenarios: list[Scenario], out_dir: Path, command: str | None):
+        from bench.results import environment
+
+        self.config, self.scenarios, self.out, self.command = config, scenarios, out_dir, command
+        self.env = environment()
+        self.rows: dict[str, dict[str, Any]] = {s.variant: _scenario_columns(s) for s in scenarios}
+        self.images: dict[str, list] = {}
+        self.prompts: list[str] = []  # of the images (the first imaged variant's; usually shared)
+        self.image_files: dict[str, list[str]] = {}
+        self.timings: dict[str, list] = {}
+
+    def frame(self) -> pd.DataFrame:
+        from bench.latency import summarize
+        from bench.results import results_frame
+
+        for variant, timings in self.timings.items():
+            self.rows[variant].update(summarize(timings))
+        return results_frame(list(self.rows.values()))
+
+    def save(self, partial: bool) -> pd.DataFrame:
+        from bench.results import save_results
+
+        df = self.frame()
+        save_results(df, self.env, self.out, self.image_files, config=resolved_dict(self.config),
+                     command=self.command, prompts=self.prompts, partial=partial)
+        return df
+
+
+def _scenario_columns(s: Scenario) -> dict[str, Any]:
+    keys = ("variant", "model", "backend", "dtype", "steps", "guidance", "batch", "scenario", "base_variant",
+            "baseline", "device", "threads", "scheduler", "height", "width", "prompts", "n_prompts", "seed",
+            "warmup", "repeats")
+    import torch
+
+    row = {k: getattr(s, k) for k in keys}
+    row["threads"] = s.threads or torch.get_num_threads()
+    return row
+
+
+def run_bench(config: BenchConfig, out_dir: str | Path, progress: bool = True,
+              command: str | None = None) -> pd.DataFrame:
+    """Run every scenario of ``config``; write results, images and the resolved config to ``out_dir``."""
+    from sdwb.runs import write_resolved_config
+
+    scenarios = preflight(config.scenarios())
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SdwbError(f"{out}: cannot create the output directory: {e.strerror or e}") from None
+    prompts = {s.variant: load_prompts(s) for s in scenarios}
+    shutil.rmtree(out / PARTIAL_IMAGES, ignore_errors=True)  # left by an interrupted run
+    run = _Run(config, scenarios, out, command)
+    try:
+        with _bars(progress) as bars:
+            pipes = _load(run, bars)
+            _images(run, pipes, prompts, bars)
+            run.save(partial=True)
+            _latency(run, pipes, prompts, bars)
+            run.save(partial=True)
+            _memory(run, bars)
+            run.save(partial=True)
+            _quality(run, prompts, bars)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            run.save(partial=True)
+        raise
+    _swap_images(run)
+    write_resolved_config(out, {**resolved_dict(config), "scenarios": [s.model_dump() for s in scenarios]})
+    return run.save(partial=False)
+
+
+def _swap_images(run: _Run) -> None:
+    """Move ``images.partial/`` into place as ``images/`` (the old one is deleted after)."""
+    partial, final = run.out / PARTIAL_IMAGES, run.out / IMAGES
+    if not partial.exists():
+        return
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix="images.old-", dir=run.out))
+        os.replace(final, old / IMAGES)
+    os.replace(partial, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    prefix = PARTIAL_IMAGES + "/"
+    run.image_files = {v: [IMAGES + "/" + f[len(prefix):] if f.startswith(prefix) else f for f in files]
+                       for v, files in run.image_files.items()}
+
+
+def _load(run: _Run, bars: _Bars) -> dict[str, Any]:
+    """Load each distinct (model, dtype, device) once; fill the static columns."""
+    from bench.memory import param_counts, size_on_disk_mb
+    from sdwb.loading import load_pipeline
+
+    cache: dict[tuple, Any] = {}
+    pipes: dict[str, Any] = {}
+    advance = bars.task("loading", len(run.scenarios))
+    for s in run.scenarios:
+        key = (s.model, s.dtype, s.device)
+        if key not in cache:
+            try:
+                cache[key] = load_pipeline(s.model, device=s.device, dtype=torch_dtype(s.dtype))
+            except SdwbError as e:
+                raise SdwbError(f"variant {s.variant}: {e}") from None
+            cache[key].set_progress_bar_config(disable=True)
+        pipe = pipes[s.variant] = cache[key]
+        row = run.rows[s.variant]
+        row.update(param_counts(pipe))
+        row["size_mb"] = size_on_disk_mb(s.model)
+        default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        default = (default, default) if isinstance(default, int) else default
+        row["height"], row["width"] = s.height or default[0], s.width or default[1]
+        advance()
+    return pipes
+
+
+def _images(run: _Run, pipes: dict, prompts: dict, bars: _Bars) -> None:
+    """Generate and save every prompt's image for the variants that measure quality."""
+    from bench.latency import fixed_threads
+    from sdwb.generate import generate
+    from sdwb.runs import atomic_save_image
+
+    todo = [s for s in run.scenarios if "quality" in s.metrics]
+    advance = bars.task("images", sum(len(prompts[s.variant][0]) for s in todo))
+    for s in todo:
+        texts = prompts[s.variant][0]
+        run.rows[s.variant]["n_prompts"] = len(texts)
+        images, files = [], []
+        with fixed_threads(s.threads):
+            for start in range(0, len(texts), s.batch):
+                chunk = texts[start : start + s.batch]
+                try:
+                    out = generate(pipes[s.variant], chunk, steps=s.steps, guidance=s.guidance,
+                                   seed=s.seed + start, scheduler=s.scheduler, batch=s.batch,
+                                   height=s.height, width=s.width, progress=False)
+                except SdwbError as e:
+                    raise SdwbError(f"variant {s.variant}: {e}") from None
+                for j, image in enumerate(out):
+                    rel = f"{PARTIAL_IMAGES}/{s.variant}/{start + j:03d}.png"
+                    atomic_save_image(image, run.out / rel)
+                    files.append(rel)
+                images += out
+                advance(len(chunk))
+        run.images[s.variant], run.image_files[s.variant] = images, files
+        if not run.prompts:
+            run.prompts = list(texts)
+
+
+def _latency(run: _Run, pipes: dict, prompts: dict, bars: _Bars) -> None:
+    """Warm-up and timed runs, interleaved across the variants that measure latency."""
+    from bench.latency import interleaved_schedule, measure
+
+    todo = [s for s in run.scenarios if "latency" in s.metrics]
+    if not todo:
+        return
+    advance = bars.task("latency", len(interleaved_schedule(todo)))
+    for s in todo:
+        run.timings[s.variant] = []
+
+    def on_run(variant, phase, timing):
+        if timing is not None:
+            run.timings[variant].append(timing)
+        advance()
+
+    try:
+        measure(pipes, todo, {v: p[0] for v, p in prompts.items()}, on_run=on_run)
+    except SdwbError as e:
+        raise SdwbError(f"latency: {e}") from None
+
+
+def _memory(run: _Run, bars: _Bars) -> None:
+    """Peak RSS / CUDA peak / GMACs of each variant in a fresh subprocess."""
+    from bench.memory import run_probe
+
+    todo = [s for s in run.scenarios if "memory" in s.metrics]
+    advance = bars.task("memory", len(todo))
+    for s in todo:
+        result = run_probe(s)
+        row = run.rows[s.variant]
+        for key in ("peak_rss_mb", "cuda_peak_mb", "unet_gmacs"):
+            row[key] = result.get(key)
+        advance()
+        run.save(partial=True)
+
+
+def _quality(run: _Run, prompts: dict, bars: _Bars) -> None:
+    """Quality columns from the saved images; empty where quality does not apply."""
+    todo = [s for s in run.scenarios if "quality" in s.metrics]
+    if not todo:
+        return
+    for s in todo:
+        if not s.quality_applies:
+            run.rows[s.variant]["quality_note"] = NOT_APPLICABLE.format(model=s.model)
+    todo = [s for s in todo if s.quality_applies]
+    if not todo:
+        return
+    try:
+        from bench.quality import compute_quality
+    except ImportError as e:
+        raise SdwbError(f"quality metrics are not available: {e} (drop 'quality' from metrics)") from None
+    from sdwb.judge import load_judge
+
+    judges: dict[str, Any] = {}
+    references: dict[int, list] = {}
+    advance = bars.task("quality", len(todo))
+    for s in todo:
+        texts, attributes = prompts[s.variant]
+        if s.judge not in judges:
+            judges[s.judge] = load_judge(s.judge)
+        images = run.images[s.variant]
+        is_baseline = s.variant == s.baseline
+        baseline = None if is_baseline else run.images.get(s.baseline)
+        if baseline is not None and [im.size for im in baseline] != [im.size for im in images]:
+            baseline = None  # different resolution or prompt count: PSNR/SSIM undefined
+        if s.prompts == SHAPES_EVAL:
+            if len(texts) not in references:
+                references[len(texts)] = _shapes_references(len(texts))
+            reference = references[len(texts)]
+        else:
+            reference = baseline
+        metrics = compute_quality(images, texts, judge=judges[s.judge], expected_attributes=attributes,
+                                  reference_images=reference, baseline_images=baseline)
+        row = run.rows[s.variant]
+        row.update({k: v for k, v in metrics.items()})
+        row["judge"] = s.judge
+        if is_baseline:
+            row["quality_note"] = "baseline: PSNR/SSIM are measured against this variant"
+        advance()
+
+
+def _shapes_references(count: int) -> list:
+    """The data-set renderings of the first ``count`` evaluation prompts (CMMD reference)."""
+    from PIL import Image
+
+    from sdwb import shapes
+
+    return [Image.fromarray(sample.render()) for sample in shapes.eval_samples(count)]

@@ -1,0 +1,134 @@
+"""Memory and size of a variant: peak RSS of a fresh process, CUDA peak, disk size, params, GMACs.
+
+Why a fresh subprocess per variant: the benchmark process holds every variant at once, plus
+allocator caches and libraries warmed by earlier work, so its own RSS says nothing about one
+variant. :mod:`bench.memory_probe` starts clean, loads the model, generates one batch and
+reports ``ru_maxrss`` (the high-water mark of the whole process: Python, torch and the libraries
+included, as a deployment would see it) and, on CUDA, ``torch.cuda.max_memory_allocated``.
+
+GMACs are counted by torch-pruning's ``count_ops_and_params`` for ONE UNet call on ONE sample
+(latent ``1 x C x H/f x W/f``, one timestep, ``1 x tokens x hidden`` text states); multiply by
+``unet_batch`` (2*batch with guidance) for a real call. The counter hooks nn.Modules (conv,
+linear, norms, ...): functional ops, notably the attention matmuls inside
+``scaled_dot_product_attention``, are NOT counted. MB below means 2**20 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sdwb.errors import SdwbError
+
+PROBE_MARK = "SDWB_PROBE "
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".onnx_data", ".data", ".plan")
+MB = 2**20
+
+
+def probe_command(scenario, allocate_mb: int = 0, gmacs: bool = True) -> list[str]:
+    """The command line that runs the memory probe for ``scenario`` (a bench Scenario)."""
+    cmd = [sys.executable, "-m", "bench.memory_probe", "--model", scenario.model, "--dtype", scenario.dtype,
+           "--device", scenario.device, "--steps", str(scenario.steps), "--guidance", str(scenario.guidance),
+           "--scheduler", scenario.scheduler, "--batch", str(scenario.batch), "--seed", str(scenario.seed)]
+    for flag, value in (("--threads", scenario.threads), ("--height", scenario.height),
+                        ("--width", scenario.width)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    if allocate_mb:
+        cmd += ["--allocate-mb", str(allocate_mb)]
+    if not gmacs:
+        cmd.append("--no-gmacs")
+    return cmd
+
+
+def run_probe(scenario, allocate_mb: int = 0, gmacs: bool = True, timeout: float | None = None) -> dict:
+    """Run the probe in a fresh interpreter and return its JSON; SdwbError with its last line on failure."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    cmd = probe_command(scenario, allocate_mb, gmacs)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SdwbError(f"variant {scenario.variant}: memory probe timed out after {timeout} s") from None
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(PROBE_MARK):
+            result = json.loads(line[len(PROBE_MARK):])
+            if "error" in result:
+                raise SdwbError(f"variant {scenario.variant}: {result['error']}")
+            return result
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    raise SdwbError(f"variant {scenario.variant}: memory probe failed (exit {proc.returncode}): {tail}")
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """Weight files of a model directory; per folder safetensors win over other formats."""
+    files: list[Path] = []
+    folders = sorted({p.parent for p in directory.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()})
+    for folder in folders:
+        here = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        safe = [p for p in here if p.suffix == ".safetensors"]
+        files += safe or here
+    return files
+
+
+def size_on_disk_mb(spec: str) -> float | None:
+    """MB of the weight files a spec loads from; None for a model built in code (sd15-arch)."""
+    from sdwb.loading import resolve_spec
+
+    path = resolve_spec(spec, "pipeline")
+    if path is None:
+        return None
+    if path.is_file():
+        return path.stat().st_size / MB
+    return sum(f.stat().st_size for f in weight_files(path)) / MB
+
+
+def param_counts(pipe) -> dict[str, float]:
+    """Millions of parameters: all denoising components together, and the UNet alone."""
+
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+    unet = count(pipe.unet)
+    total = unet + count(getattr(pipe, "vae", None)) + count(getattr(pipe, "text_encoder", None))
+    return {"params_m": total / 1e6, "unet_params_m": unet / 1e6}
+
+
+def unet_example_inputs(pipe, height: int | None = None, width: int | None = None) -> dict:
+    """One-sample UNet inputs of the shapes the pipeline uses at ``height x width`` (default size)."""
+    import torch
+
+    unet = pipe.unet
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    size = unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    h = height // factor if height else size[0]
+    w = width // factor if width else size[1]
+    channels = unet.conv_in.in_channels
+    tokens = pipe.tokenizer.model_max_length
+    encoder = getattr(pipe, "text_encoder", None)
+    hidden = encoder.config.hidden_size if encoder is not None else unet.config.cross_attention_dim
+    param = next(unet.parameters())
+    return {
+        "sample": torch.zeros(1, channels, h, w, dtype=param.dtype, device=param.device),
+        "timestep": torch.tensor([999], device=param.device),
+        "encoder_hidden_states": torch.zeros(1, tokens, hidden, dtype=param.dtype, device=param.device),
+    }
+
+
+def unet_gmacs(unet, example_inputs: dict) -> float:
+    """GMACs of one UNet call on ``example_inputs`` by torch-pruning's counter (see module doc)."""
+    import contextlib
+    import io
+
+    import torch
+    import torch_pruning as tp
+
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        macs, _ = tp.utils.count_ops_and_params(unet, example_inputs=example_inputs)
+    return float(macs) / 1e9

@@ -1,0 +1,314 @@
+"""Benchmark scenarios as data: a YAML ``BenchConfig`` expanded into one ``Scenario`` per row.
+
+Why data and not code: a benchmark must be re-runnable from one file, diffable, and checked
+before anything is loaded. A config has ``defaults`` (every setting below), a list of
+``variants`` (a name, a model spec, and any setting overridden for that variant) and an
+optional ``sweep`` (setting -> list of values) crossed with every variant, so
+``sweep: {steps: [50, 25]}`` turns variant ``fp32`` into rows ``fp32-steps50`` and ``fp32-steps25``.
+Precedence: defaults < sweep value < variant override (a variant may not override a swept key).
+
+Every model forbids unknown keys and is strictly typed; every problem is one ``SdwbError`` line
+naming the file, the key path (``variants.1.dtype``) and what was expected.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic.fields import FieldInfo
+
+from sdwb.config import Backend, DType, Scheduler, _read_yaml, apply_overrides, parse_override
+from sdwb.errors import SdwbError
+
+Metric = Literal["latency", "memory", "quality"]
+METRICS: tuple[str, ...] = ("latency", "memory", "quality")
+SHAPES_EVAL = "builtin:shapes-eval"
+SUPPORTED_BACKENDS = ("torch",)
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class Settings(BaseModel):
+    """Every per-row setting, with its default (the ``defaults:`` section of a bench config)."""
+
+    model_config = _STRICT
+
+    backend: Backend = Field("torch", description="torch | onnxruntime | tensorrt (only torch runs yet)")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="auto: cuda when available")
+    dtype: DType = "fp32"
+    threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads; None: library default")
+    batch: int = Field(1, ge=1, le=256, description="prompts per pipeline call (one timed run)")
+    height: Optional[int] = Field(None, ge=8, multiple_of=8, description="pixels; None: the model's")
+    width: Optional[int] = Field(None, ge=8, multiple_of=8, description="pixels; None: the model's")
+    steps: int = Field(20, ge=1, le=1000)
+    guidance: float = Field(7.5, ge=0.0, description="classifier-free guidance; <= 1 disables it")
+    scheduler: Scheduler = "ddim"
+    prompts: str = Field(SHAPES_EVAL, min_length=1, description="builtin:shapes-eval or a text file")
+    n_prompts: int = Field(8, ge=1, description="first N prompts (quality images)")
+    seed: int = Field(0, ge=0, description="image i is seeded with seed + i")
+    warmup: int = Field(1, ge=0, description="untimed runs per variant before the timed ones")
+    repeats: int = Field(5, ge=1, description="timed runs per variant (interleaved across variants)")
+    metrics: list[Metric] = Field(default_factory=lambda: list(METRICS), min_length=1)
+    judge: str = Field("builtin:shapes-judge", min_length=1, description="CLIP judge for quality")
+
+
+def _optional(field: FieldInfo) -> tuple[Any, FieldInfo]:
+    return Optional[field.annotation], FieldInfo.merge_field_infos(field, default=None, default_factory=None)
+
+
+# A variant: name + model + any Settings key as an override (same constraints, default "not set").
+Variant = create_model(
+    "Variant",
+    __config__=_STRICT,
+    __doc__="One model under test: a unique name, a model spec and per-variant setting overrides.",
+    name=(str, Field(pattern=_NAME, max_length=64)),
+    model=(str, Field(min_length=1, description="builtin:NAME, a diffusers directory or a cached hub id")),
+    **{key: _optional(field) for key, field in Settings.model_fields.items()},
+)
+
+
+class Scenario(Settings):
+    """One fully resolved row of the benchmark: which model, under which settings."""
+
+    variant: str  # unique row label (variant name + sweep suffix)
+    base_variant: str  # the variant entry it came from
+    scenario: str  # config name, or the sweep suffix (e.g. "steps25")
+    model: str
+    baseline: str  # row label whose images PSNR/SSIM compare against
+
+    @property
+    def quality_applies(self) -> bool:
+        """False for builtin models whose weights make quality meaningless (sd15-arch)."""
+        if not self.model.startswith("builtin:"):
+            return True
+        from sdwb.zoo import get_builtin
+
+        return get_builtin(self.model).quality_metrics
+
+
+class BenchConfig(BaseModel):
+    """A whole benchmark: defaults, the variants, an optional sweep, the baseline variant."""
+
+    model_config = _STRICT
+
+    name: str = Field("bench", pattern=_NAME, max_length=64)
+    defaults: Settings = Field(default_factory=Settings)
+    variants: list[Variant] = Field(min_length=1)  # type: ignore[valid-type]
+    sweep: dict[str, list[Any]] = Field(default_factory=dict, description="setting -> values")
+    baseline: Optional[str] = Field(None, description="variant for PSNR/SSIM; default: the first")
+
+    @model_validator(mode="after")
+    def _check(self) -> BenchConfig:
+        names = [v.name for v in self.variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variants: duplicate name(s) {', '.join(dupes)}")
+        for key, values in self.sweep.items():
+            if key not in Settings.model_fields:
+                allowed = ", ".join(Settings.model_fields)
+                raise ValueError(f"sweep.{key}: unknown setting (allowed: {allowed})")
+            if not values:
+                raise ValueError(f"sweep.{key}: expected a non-empty list of values")
+            for i, v in enumerate(self.variants):
+                if key in v.model_fields_set:
+                    raise ValueError(f"variants.{i}.{key}: also swept in sweep.{key}; set one or the other")
+        self.scenarios()  # every combination must validate
+        return self
+
+    def scenarios(self) -> list[Scenario]:
+        """Expand variants x sweep into resolved scenarios, in declaration order."""
+        base = self.defaults.model_dump()
+        keys = list(self.sweep)
+        combos = list(itertools.product(*(self.sweep[k] for k in keys))) or [()]
+        rows: list[tuple[str, str, dict]] = []
+        for v in self.variants:
+            overrides = v.model_dump(include=set(v.model_fields_set) - {"name", "model"})
+            for combo in combos:
+                suffix = "-".join(f"{k}{_label(x)}" for k, x in zip(keys, combo))
+                settings = {**base, **dict(zip(keys, combo)), **overrides}
+                try:
+                    Settings.model_validate(settings)
+                except ValidationError as e:
+                    err = e.errors(include_url=False)[0]
+                    key = ".".join(map(str, err["loc"]))
+                    where = f"sweep.{key}" if key in keys else f"variants.{v.name}.{key}"
+                    raise ValueError(f"{where}: {_lower(err['msg'])}, got {_short(err['input'])}") from None
+                label = f"{v.name}-{suffix}" if suffix else v.name
+                rows.append((label, v.name, {**settings, "model": v.model, "scenario": suffix or self.name}))
+        labels = [r[0] for r in rows]
+        baseline = self._baseline_label(rows)
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"variants: expanded names collide: {', '.join(labels)}")
+        return [Scenario(variant=label, base_variant=bv, baseline=baseline, **s) for label, bv, s in rows]
+
+    def _baseline_label(self, rows: list[tuple[str, str, dict]]) -> str:
+        if self.baseline is None:
+            return rows[0][0]
+        for label, base_variant, _ in rows:
+            if self.baseline in (label, base_variant):
+                return label
+        raise ValueError(f"baseline: {self.baseline!r} is not a variant (expected one of "
+                         f"{', '.join(r[0] for r in rows)})")
+
+
+def _label(value: Any) -> str:
+    return str(value).replace("/", "_").replace(" ", "")
+
+
+def _lower(msg: str) -> str:
+    return msg[:1].lower() + msg[1:] if msg else msg
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def bench_config_from_dict(data: dict, source: str = "bench config", overrides: list[str] | None = None,
+                           settings: dict[str, Any] | None = None) -> BenchConfig:
+    """Validate ``data`` (+ ``a.b=value`` overrides, then ``settings`` into ``defaults``: command-line
+    flags, None values ignored) as a BenchConfig; errors name the source and the key."""
+    merged = apply_overrides(data, overrides)
+    flags = {k: v for k, v in (settings or {}).items() if v is not None}
+    if flags:
+        if not isinstance(merged.get("defaults", {}), dict):
+            raise SdwbError(f"{source}: defaults: expected a mapping of settings")
+        merged["defaults"] = {**merged.get("defaults", {}), **flags}
+    try:
+        return BenchConfig.model_validate(merged)
+    except ValidationError as e:
+        set_keys = [parse_override(o)[0] for o in overrides or []]
+        raise SdwbError(_format(e, source, merged, set_keys)) from None
+
+
+def load_bench_config(path: str | Path, overrides: list[str] | None = None,
+                      settings: dict[str, Any] | None = None) -> BenchConfig:
+    """Read, override and validate a bench config YAML (``name`` defaults to the file stem).
+
+    ``settings`` (command-line flags) go into ``defaults`` last: they win over the file and
+    ``--set`` there, while a variant's own setting still wins over every default.
+    """
+    path = Path(path)
+    data = _read_yaml(path)
+    if "name" not in data and re.match(_NAME, path.stem):
+        data["name"] = path.stem
+    return bench_config_from_dict(data, str(path), overrides, settings)
+
+
+def variant_label(model: str) -> str:
+    """A variant name derived from a model spec: ``builtin:tiny-shapes`` -> ``tiny-shapes``."""
+    text = model.split(":", 1)[1] if model.startswith("builtin:") else Path(model.rstrip("/")).name
+    text = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._") or "model"
+    return text[:64]
+
+
+def quick_config(models: list[str], *, name: str = "quick", overrides: list[str] | None = None,
+                 **settings: Any) -> BenchConfig:
+    """A config for the quick CLI form: one variant per model, ``settings`` as defaults.
+
+    ``settings`` takes any :class:`Settings` key (None values are ignored), e.g.
+    ``quick_config(["builtin:tiny-shapes"], steps=4, repeats=3)``.
+    """
+    if not models:
+        raise SdwbError("no model to bench: give a config file or at least one --model")
+    labels: list[str] = []
+    for m in models:
+        label, n = variant_label(m), 2
+        while label in labels:
+            label, n = f"{variant_label(m)}-{n}", n + 1
+        labels.append(label)
+    data = {"name": name, "variants": [{"name": label, "model": m} for label, m in zip(labels, models)]}
+    return bench_config_from_dict(data, "command line", overrides, settings)
+
+
+def resolved_dict(config: BenchConfig) -> dict:
+    """The config with defaults filled in, plus its expanded scenarios, as plain data."""
+    out = config.model_dump(mode="json", exclude_unset=False)
+    out["variants"] = [v.model_dump(mode="json", include=set(v.model_fields_set) | {"name", "model"})
+                       for v in config.variants]
+    return out
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def load_prompts(scenario: Settings) -> tuple[list[str], list[dict] | None]:
+    """The first ``n_prompts`` prompts and, when every one is a shapes caption, their attributes.
+
+    ``builtin:shapes-eval`` is the held-out evaluation set; anything else is a UTF-8 text file,
+    one prompt per line (blank lines and lines starting with ``#`` skipped). A file with fewer
+    lines than ``n_prompts`` gives all its lines.
+    """
+    from sdwb import shapes
+
+    if scenario.prompts == SHAPES_EVAL:
+        samples = shapes.eval_samples(max(scenario.n_prompts, 1))
+        return [s.caption for s in samples], [s.attributes for s in samples]
+    path = Path(scenario.prompts).expanduser()
+    if scenario.prompts.startswith("builtin:"):
+        raise SdwbError(f"prompts: unknown prompt set {scenario.prompts!r} (expected {SHAPES_EVAL} "
+                        "or a text file, one prompt per line)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise SdwbError(f"prompts: file not found: {path.resolve()} (expected a text file, one prompt "
+                        f"per line, or {SHAPES_EVAL})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SdwbError(f"prompts: cannot read {path}: {e}") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise SdwbError(f"prompts: {path} holds no prompt (expected one prompt per line)")
+    prompts = prompts[: scenario.n_prompts]
+    try:
+        attributes = [shapes.parse_caption(p) for p in prompts]
+    except ValueError:
+        attributes = None
+    return prompts, attributes
+
+
+# --------------------------------------------------------------------------- error messages
+
+_SECTION_MODELS = {"defaults": Settings, "variants": Variant, "sweep": None}
+
+
+def _format_one(err: dict, data: dict, set_keys: list[list[str]]) -> str:
+    loc = tuple(err["loc"])
+    if loc[:1] == ("variants",) and len(loc) > 1 and isinstance(loc[1], int):
+        name = _variant_name(data, loc[1])
+        loc = ("variants", f"{loc[1]}" + (f"({name})" if name else ""), *loc[2:])
+    key = ".".join(map(str, loc))
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        model = _SECTION_MODELS.get(loc[0], BenchConfig) if len(loc) > 1 else BenchConfig
+        what = "unknown key" + (f" (allowed: {', '.join(model.model_fields)})" if model else "")
+    elif kind == "missing":
+        what = "required key is missing"
+    elif kind == "value_error":
+        return str(err["ctx"]["error"]) if "ctx" in err else _lower(err["msg"])
+    else:
+        what = f"{_lower(err['msg'])}, got {_short(err['input'])}"
+    if any(list(map(str, err["loc"][: len(k)])) == k for k in set_keys):
+        what += " [from --set]"
+    return f"{key}: {what}" if key else what
+
+
+def _variant_name(data: dict, index: int) -> str | None:
+    try:
+        name = data["variants"][index]["name"]
+        return name if isinstance(name, str) else None
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def _format(e: ValidationError, source: str, data: dict, set_keys: list[list[str]]) -> str:
+    errors = e.errors(include_url=False)
+    parts = [_format_one(err, data, set_keys) for err in errors[:3]]
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return f"{source}: " + "; ".join(parts) + more

@@ -1,0 +1,140 @@
+"""``sdwb export onnx|tensorrt`` (a typer sub-app) and the backend switch for ``sdwb generate``.
+
+Why here and not in ``sdwb/cli.py``: the export stage owns its commands; the root CLI only mounts
+``export_app`` (``app.add_typer(export_app, name="export")``) and calls
+:func:`generate_with_backend` for ``--backend onnxruntime|tensorrt``. Errors are
+:class:`SdwbError` and reach the root CLI's one-line ``error:`` handler unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sdwb.errors import SdwbError
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+export_app = typer.Typer(
+    help="Export a model to ONNX (validated against PyTorch) or build TensorRT engines from an export.",
+    no_args_is_help=True,
+)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _parse_components(text: str) -> list[str]:
+    from export.interfaces import COMPONENTS
+
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in names if c not in COMPONENTS]
+    if bad or not names:
+        raise SdwbError(f"--components {text!r}: expected a comma-separated subset of "
+                        f"{', '.join(COMPONENTS)}")
+    return names
+
+
+@export_app.command("onnx")
+def onnx_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="builtin:NAME, a variant dir, or a hub id.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Export directory to create.")],
+    opset: Annotated[int, typer.Option(help="ONNX opset (17-21).")] = 18,
+    components: Annotated[
+        str, typer.Option(help="Comma-separated: text_encoder,unet,vae_decoder[,vae_encoder].")
+    ] = "text_encoder,unet,vae_decoder",
+    slim: Annotated[bool, typer.Option(help="ONNX Runtime offline optimisation (basic level).")] = False,
+    max_batch: Annotated[int, typer.Option(help="Most images per call in the dynamic ranges.")] = 8,
+    exporter: Annotated[str, typer.Option(help="auto | torchscript | dynamo.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists (only on success).")] = False,
+) -> None:
+    """Export a model's components to ONNX, validate each against PyTorch, write manifest.json."""
+    from rich.table import Table
+
+    from export.onnx import export_onnx
+
+    names = _parse_components(components)
+    console = _console()
+    with console.status(f"exporting {model}", spinner="dots") as status:
+        manifest = export_onnx(model, output, opset=opset, components=names, slim=slim, max_batch=max_batch,
+                               exporter=exporter, overwrite=overwrite,
+                               progress=lambda msg: status.update(f"{model}: {msg}"))
+    table = Table(title=f"{output} (opset {opset})")
+    for col in ("component", "size", "exporter", "export s", "max abs err", "max rel err"):
+        table.add_column(col)
+    for name, entry in manifest["components"].items():
+        size = sum(v["size"] for k, v in manifest["files"].items() if k.startswith(name + "/"))
+        worst = max(entry["validation"], key=lambda r: r["max_abs"])
+        table.add_row(name, _size(size), entry["exporter"], f"{entry['export_seconds']:.1f}",
+                      f"{worst['max_abs']:.2e}", f"{worst['max_rel']:.2e}")
+    console.print(table)
+    count = len(manifest["components"])
+    typer.echo(f"wrote {output} ({count} components, validated) and {output}/manifest.json")
+
+
+@export_app.command("tensorrt")
+def tensorrt_command(
+    onnx: Annotated[Path, typer.Option("--onnx", help="An ONNX export directory (sdwb export onnx).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Engine directory to create.")],
+    fp16: Annotated[bool, typer.Option(help="Allow fp16 kernels.")] = False,
+    int8: Annotated[bool, typer.Option(help="int8 from QDQ graphs (explicit quantization).")] = False,
+    timing_cache: Annotated[
+        Optional[Path], typer.Option(help="Timing cache file (default ~/.cache/sdwb/tensorrt/).")
+    ] = None,
+    strict_fp32: Annotated[bool, typer.Option(help="Disable TF32 in fp32 builds.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists (only on success).")] = False,
+) -> None:
+    """Build one TensorRT engine per component of an ONNX export (needs an NVIDIA GPU + tensorrt)."""
+    from export.tensorrt import build_engines
+
+    with _console().status(f"building engines from {onnx}", spinner="dots") as status:
+        manifest = build_engines(onnx, output, fp16=fp16, int8=int8, timing_cache=timing_cache,
+                                 strict_fp32=strict_fp32, overwrite=overwrite,
+                                 progress=lambda msg: status.update(msg))
+    for name, entry in manifest["components"].items():
+        typer.echo(f"{name}: {entry['file']} ({entry['build_seconds']:.0f} s)")
+    built = f"TensorRT {manifest['tensorrt']}, {manifest['gpu']}"
+    typer.echo(f"wrote {output} ({built}) and {output}/manifest.json")
+
+
+def generate_with_backend(backend: str, model_dir: str | Path, prompts: list[str], *, providers=None,
+                          threads: int | None = None, device: str = "cpu", dtype=None, **kw) -> list:
+    """PIL images for ``prompts`` from ``model_dir`` on ``backend`` (torch | onnxruntime | tensorrt).
+
+    ``kw`` are :func:`sdwb.generate.generate`'s (steps, guidance, seed, scheduler, batch, height,
+    width, progress). ``model_dir``: a model spec for torch, an ONNX export for onnxruntime, an
+    engine directory for tensorrt. ``providers``/``threads`` apply to onnxruntime only.
+    """
+    if backend == "torch":
+        import torch
+
+        from sdwb.generate import generate
+        from sdwb.loading import load_pipeline
+
+        pipe = load_pipeline(str(model_dir), device=device, dtype=dtype or torch.float32)
+        return generate(pipe, prompts, **kw)
+    from export.ort import generate_ort
+
+    if backend == "onnxruntime":
+        from export.ort import OrtStableDiffusionPipeline
+
+        pipe = OrtStableDiffusionPipeline.from_export(model_dir, providers=providers, threads=threads)
+    elif backend == "tensorrt":
+        from export.tensorrt import TrtRunner
+
+        pipe = TrtRunner.from_engines(model_dir)
+    else:
+        raise SdwbError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
+    return generate_ort(pipe, prompts, **kw)

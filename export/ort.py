@@ -1,0 +1,359 @@
+"""Stable Diffusion on ONNX Runtime: one session per exported component, torch's denoising loop.
+
+Why the loop is diffusers' own, line for line: images must match the torch backend for the same
+seed, so prompt encoding (pad to the tokenizer length, uncond = ""), latents (drawn on the CPU
+with ``torch.Generator(seed + i)``, times ``init_noise_sigma``), ``scale_model_input``, the CFG
+batch (uncond + cond in one 2B call), ``uncond + g * (cond - uncond)``, ``scheduler.step`` with
+the same extra kwargs and the ``x/2 + 0.5`` clamp are all done with the same diffusers scheduler
+objects on torch tensors; only the three networks run elsewhere. :class:`ExportedPipeline`
+holds that loop and takes any *component runner* (``runner(**inputs) -> tensor``), so the
+TensorRT runner (``export/tensorrt.py``) reuses it unchanged.
+
+Per-component time: every runner call goes through :meth:`ExportedPipeline.run_component`, which
+calls each function in ``pipe.hooks`` with ``(component, seconds)`` (CUDA synchronised first);
+:meth:`ExportedPipeline.record_timings` collects them for the benchmark.
+
+Providers: CPU here; with onnxruntime-gpu, CUDA first then CPU by default, and TensorRT when
+asked for (``providers=["tensorrt", "cuda", "cpu"]``: it builds engines when a session opens,
+minutes for SD 1.5, cached under ``trt_cache``). On a GPU provider the loop's tensors live on
+the GPU and are bound to the sessions with IO binding (no host round trip per step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.interfaces import resolve_dim
+from export.onnx import read_manifest, verify_manifest
+from sdwb.errors import SdwbError
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32,
+                "int64": torch.int64}
+
+
+def input_point(entry: dict, shapes: dict[str, Sequence[int]]) -> dict[str, int]:
+    """Axis sizes implied by concrete input shapes (``"height*8"`` of 64 -> height 8)."""
+    point = {}
+    for spec in entry["inputs"]:
+        for dim, size in zip(spec["shape"], shapes[spec["name"]]):
+            if isinstance(dim, str):
+                axis, _, factor = dim.partition("*")
+                point[axis] = size // (int(factor) if factor else 1)
+    return point
+
+
+def output_shape(entry: dict, shapes: dict[str, Sequence[int]]) -> tuple[int, ...]:
+    """The first output's concrete shape for these input shapes (from the manifest's symbols)."""
+    point = input_point(entry, shapes)
+    return tuple(resolve_dim(d, point) for d in entry["outputs"][0]["shape"])
+
+
+class OrtComponent:
+    """One ``ort.InferenceSession`` as a runner: ``runner(**torch tensors) -> torch tensor``."""
+
+    def __init__(self, name: str, session, entry: dict, device: str = "cpu"):
+        self.name, self.session, self.entry, self.device = name, session, entry, torch.device(device)
+        self.dtypes = {s["name"]: s["dtype"] for s in entry["inputs"]}
+        self.output = entry["outputs"][0]
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return self._run_bound(inputs)
+        feeds = {k: v.detach().cpu().numpy().astype(self.dtypes[k], copy=False) for k, v in inputs.items()}
+        return torch.from_numpy(self.session.run([self.output["name"]], feeds)[0])
+
+    def _run_bound(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """IO binding: the session reads and writes the torch CUDA tensors in place."""
+        index = self.device.index or 0
+        binding = self.session.io_binding()
+        keep = []
+        for name, tensor in inputs.items():
+            tensor = tensor.to(self.device, TORCH_DTYPES[self.dtypes[name]]).contiguous()
+            keep.append(tensor)
+            binding.bind_input(name, "cuda", index, np.dtype(self.dtypes[name]).type, tuple(tensor.shape),
+                               tensor.data_ptr())
+        shape = output_shape(self.entry, {k: tuple(v.shape) for k, v in zip(inputs, keep)})
+        out = torch.empty(shape, dtype=TORCH_DTYPES[self.output["dtype"]], device=self.device)
+        binding.bind_output(self.output["name"], "cuda", index, np.dtype(self.output["dtype"]).type, shape,
+                            out.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch kernels
+        binding.synchronize_inputs()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return out
+
+
+class ExportedPipeline:
+    """diffusers' StableDiffusionPipeline loop over component runners (ONNX Runtime, TensorRT)."""
+
+    def __init__(self, components: dict, tokenizer, scheduler, facts: dict, device: str = "cpu",
+                 info: dict | None = None):
+        missing = [c for c in ("text_encoder", "unet", "vae_decoder") if c not in components]
+        if missing:
+            raise SdwbError(f"export lacks component(s) {', '.join(missing)} needed to generate images")
+        self.components, self.tokenizer, self.scheduler = components, tokenizer, scheduler
+        self.facts, self.device, self.info = facts, torch.device(device), info or {}
+        self.hooks: list[Callable[[str, float], None]] = []
+        self.manifest: dict = {}
+
+    # ---------------------------------------------------------------- timing
+    def run_component(self, name: str, **inputs: torch.Tensor) -> torch.Tensor:
+        """Run one component; report ``(name, seconds)`` to every hook."""
+        started = time.perf_counter()
+        out = self.components[name](**inputs)
+        if self.hooks:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - started
+            for hook in self.hooks:
+                hook(name, seconds)
+        return out
+
+    @contextlib.contextmanager
+    def record_timings(self):
+        """``with pipe.record_timings() as log:`` -> ``log[component]`` = list of seconds per call."""
+        log: dict[str, list[float]] = defaultdict(list)
+        hook = lambda name, seconds: log[name].append(seconds)
+        self.hooks.append(hook)
+        try:
+            yield log
+        finally:
+            self.hooks.remove(hook)
+
+    def sample_inputs(self, name: str, point: dict[str, int] | None = None, seed: int = 0) -> dict:
+        """Random inputs for one component call at the manifest's opt shapes (or ``point``).
+
+        For micro-benchmarks: ``pipe.components["unet"](**pipe.sample_inputs("unet"))``.
+        """
+        entry = self.manifest["components"][name]
+        point = {**{a: v["opt"] for a, v in entry["axes"].items()}, **(point or {})}
+        gen = torch.Generator().manual_seed(seed)
+        feeds = {}
+        for spec in entry["inputs"]:
+            shape = tuple(resolve_dim(d, point) for d in spec["shape"])
+            if spec["name"] == "timestep":
+                tensor = torch.full(shape, 500.0)
+            elif spec["dtype"].startswith("int"):
+                tensor = torch.randint(0, self.facts["vocab_size"], shape, generator=gen)
+            else:
+                tensor = torch.randn(shape, generator=gen)
+            feeds[spec["name"]] = tensor.to(self.device, TORCH_DTYPES[spec["dtype"]])
+        return feeds
+
+    # ---------------------------------------------------------------- the loop
+    def encode_prompt(self, prompts: list[str], guidance: bool) -> torch.Tensor:
+        """Text embeddings, ``[uncond; cond]`` (2B rows) under guidance, as diffusers orders them."""
+        texts = ([""] * len(prompts) + prompts) if guidance else prompts
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.run_component("text_encoder", input_ids=ids.to(self.device, torch.int32))
+
+    def _extra_step_kwargs(self, scheduler, generator, eta: float) -> dict:
+        params = set(inspect.signature(scheduler.step).parameters)
+        return {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
+
+    def latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """Latent (h, w) for image ``height`` x ``width`` (default: the model's own size)."""
+        f, size = self.facts["vae_scale_factor"], self.facts["sample_size"]
+        step = f * self.facts.get("unet_factor", 1)
+        height, width = height or size * f, width or size * f
+        for what, value in (("height", height), ("width", width)):
+            if value % step:
+                raise SdwbError(f"{what} {value}: expected a multiple of {step} for this model")
+        return height // f, width // f
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompts: str | list[str],
+        *,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 7.5,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        eta: float = 0.0,
+        scheduler=None,
+        callback: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Images as float32 ``[B, H, W, 3]`` in [0, 1] (diffusers' ``output_type="np"``)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        scheduler = scheduler or self.scheduler
+        cfg = guidance_scale > 1.0
+        h, w = self.latent_size(height, width)
+        embeds = self.encode_prompt(prompts, cfg)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        shape = (len(prompts), self.facts["latent_channels"], h, w)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        latents = latents * scheduler.init_noise_sigma
+        extra = self._extra_step_kwargs(scheduler, generator, eta)
+        for i, t in enumerate(scheduler.timesteps):
+            model_input = torch.cat([latents] * 2) if cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            timestep = t.reshape(1).to(self.device, torch.float32)
+            noise = self.run_component("unet", sample=model_input, timestep=timestep,
+                                       encoder_hidden_states=embeds).to(latents.dtype)
+            if cfg:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + guidance_scale * (cond - uncond)
+            latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+            if callback is not None:
+                callback(i)
+        image = self.run_component("vae_decoder", latent=latents).float()
+        return (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
+
+    def generate(self, prompts: list[str], **kw) -> list:
+        """Same as :func:`generate_ort` on this pipeline."""
+        return generate_ort(self, prompts, **kw)
+
+
+def _load_tokenizer_and_scheduler(directory: Path):
+    import diffusers
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", local_files_only=True)
+        config = diffusers.DDIMScheduler.load_config(directory / "scheduler")
+        scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+    except Exception as exc:
+        raise SdwbError(
+            f"could not load tokenizer/scheduler from {directory}: {type(exc).__name__}: {exc}"
+        ) from None
+    return tokenizer, scheduler
+
+
+def resolve_providers(providers: Sequence[str | tuple] | None) -> list:
+    """Provider names (aliases cpu/cuda/tensorrt allowed); default CUDA then CPU when available."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if providers is None:
+        gpu = "CUDAExecutionProvider" in available and torch.cuda.is_available()
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+    out = []
+    for p in providers:
+        name = p[0] if isinstance(p, tuple) else PROVIDER_ALIASES.get(str(p).lower(), str(p))
+        if name not in available:
+            raise SdwbError(
+                f"provider {name}: not available in this onnxruntime (available: {', '.join(available)})"
+            )
+        out.append((name, p[1]) if isinstance(p, tuple) else name)
+    return out
+
+
+def _trt_provider_options(entry: dict, cache: Path) -> dict:
+    """TensorRT EP options: engine + timing cache, and the manifest's min/opt/max as profile."""
+    shapes = {w: ",".join(f"{n}:{'x'.join(map(str, p[w]))}" for n, p in entry["profile"].items())
+              for w in ("min", "opt", "max")}
+    return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+            "trt_profile_min_shapes": shapes["min"], "trt_profile_opt_shapes": shapes["opt"],
+            "trt_profile_max_shapes": shapes["max"]}
+
+
+class OrtStableDiffusionPipeline(ExportedPipeline):
+    """An ONNX export (``export/onnx.py``) run by ONNX Runtime sessions."""
+
+    @classmethod
+    def from_export(cls, directory: str | Path, providers: Sequence[str] | None = None,
+                    threads: int | None = None, inter_threads: int | None = None,
+                    trt_cache: str | Path | None = None, verify: bool = True):
+        """Verify the manifest's hashes, then open one session per component.
+
+        ``threads``: intra-op threads per session (None: ONNX Runtime's default, one per core);
+        ``inter_threads``: inter-op threads (only used by parallel execution mode).
+        """
+        import onnxruntime as ort
+
+        directory = Path(directory)
+        manifest = verify_manifest(directory) if verify else read_manifest(directory)
+        names = resolve_providers(providers)
+        first = names[0][0] if isinstance(names[0], tuple) else names[0]
+        device = "cuda" if first in GPU_PROVIDERS else "cpu"
+        tokenizer, scheduler = _load_tokenizer_and_scheduler(directory)
+        components = {}
+        for name, entry in manifest["components"].items():
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if threads:
+                so.intra_op_num_threads = int(threads)
+            if inter_threads:
+                so.inter_op_num_threads = int(inter_threads)
+            provs = []
+            for p in names:
+                if p == "TensorrtExecutionProvider":
+                    cache = Path(trt_cache or Path.home() / ".cache" / "sdwb" / "ort-trt") / name
+                    cache.mkdir(parents=True, exist_ok=True)
+                    p = (p, _trt_provider_options(entry, cache))
+                provs.append(p)
+            try:
+                session = ort.InferenceSession(str(directory / entry["file"]), so, providers=provs)
+            except Exception as exc:
+                raise SdwbError(f"ONNX Runtime could not open {directory / entry['file']}: "
+                                f"{type(exc).__name__}: {exc}") from None
+            components[name] = OrtComponent(name, session, entry, device)
+        info = {"backend": "onnxruntime", "providers": [p if isinstance(p, str) else p[0] for p in names],
+                "intra_op_num_threads": threads or 0, "inter_op_num_threads": inter_threads or 0,
+                "export": str(directory), "source": manifest.get("source", {})}
+        pipe = cls(components, tokenizer, scheduler, manifest["pipeline"], device, info)
+        pipe.manifest = manifest
+        return pipe
+
+
+def generate_ort(
+    pipe: ExportedPipeline,
+    prompts: list[str],
+    *,
+    steps: int = 30,
+    guidance: float = 7.5,
+    seed: int = 0,
+    scheduler: str = "ddim",
+    batch: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    progress: bool = True,
+) -> list:
+    """Mirror of :func:`sdwb.generate.generate` for exported pipelines: one PIL image per prompt.
+
+    Image ``i`` starts from ``torch.Generator("cpu").manual_seed(seed + i)``, so it matches the
+    torch backend's image ``i`` for the same model. Raises :class:`SdwbError` on NaN/inf.
+    """
+    from PIL import Image
+
+    from sdwb.generate import _progress, make_scheduler
+
+    prompts = list(prompts)
+    if steps < 1 or batch < 1:
+        raise SdwbError(f"steps and batch must be >= 1 (got steps={steps}, batch={batch})")
+    sched = make_scheduler(scheduler, pipe.scheduler.config)
+    images: list = []
+    with _progress(progress, len(prompts) * steps) as advance:
+        for start in range(0, len(prompts), batch):
+            chunk = prompts[start : start + batch]
+            generators = [torch.Generator("cpu").manual_seed(seed + start + j) for j in range(len(chunk))]
+            out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                       height=height, width=width, scheduler=sched, callback=lambda _i: advance())
+            if not np.isfinite(out).all():
+                first = start + int(np.argmax(~np.isfinite(out).reshape(len(chunk), -1).all(axis=1)))
+                backend = pipe.info.get("backend", "export")
+                raise SdwbError(f"generation produced NaN/inf for prompt {first} ('{prompts[first]}') with "
+                                f"scheduler {scheduler}, {steps} steps ({backend})")
+            images += [Image.fromarray((img * 255).round().clip(0, 255).astype(np.uint8)) for img in out]
+    return images
