@@ -44,7 +44,6 @@ else:
 
 from bench.cli import bench_command  # noqa: E402  (imports only typer; heavy imports are lazy)
 from bench.report_cli import report_command  # noqa: E402
-
 from export.cli import export_app  # noqa: E402
 
 app.add_typer(export_app, name="export")

@@ -61,7 +61,9 @@ class BaselineTrainConfig(_Strict):
     seed: int = 0
     precision: Literal["bf16", "fp32"] = "bf16"
     checkpoint_every: int = Field(200, ge=1)
-    store_dtype: Literal["fp16", "fp32"] = Field("fp16", description="storage dtype of the tiny-shapes UNet and VAE")
+    store_dtype: Literal["fp16", "fp32"] = Field(
+        "fp16", description="storage dtype of the tiny-shapes UNet and VAE"
+    )
     judge: JudgeTrain = JudgeTrain()
     vae: VaeTrain = VaeTrain()
     unet: UnetTrain = UnetTrain()
