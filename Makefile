@@ -41,12 +41,14 @@ lint: venv
 	$(BIN)/ruff check .
 
 demo: venv
+	@rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
 	$(BIN)/sdwb models
 	$(BIN)/sdwb data preview -n 16 -o $(DEMO_DIR)/data.png
-	@if $(BIN)/python -c 'from sdwb.zoo import get_builtin as g; exit(not g("tiny-shapes").available())'; then \
-		$(BIN)/sdwb generate --model builtin:tiny-shapes $(DEMO_PROMPTS) --batch 4 --steps 20 \
-			-o $(DEMO_DIR)/generated.png; \
-	else \
-		echo "builtin:tiny-shapes is not trained yet (sdwb baseline train): skipping generation"; \
-	fi
-	@echo "demo outputs in $(DEMO_DIR)/:"; ls -1 $(DEMO_DIR) | sed 's/^/  /'
+	$(BIN)/sdwb generate --model builtin:tiny-shapes $(DEMO_PROMPTS) --steps 25 -o $(DEMO_DIR)/generated.png
+	$(BIN)/sdwb baseline eval --prompts 54 --steps 25 --grid $(DEMO_DIR)/eval-grid.png
+	$(BIN)/sdwb export onnx --model builtin:tiny-shapes -o $(DEMO_DIR)/onnx
+	$(BIN)/sdwb generate --backend onnxruntime --model $(DEMO_DIR)/onnx $(DEMO_PROMPTS) --steps 25 \
+		-o $(DEMO_DIR)/generated-onnxruntime.png
+	$(BIN)/sdwb bench configs/bench/demo.yaml -o $(DEMO_DIR)/bench
+	$(BIN)/sdwb report $(DEMO_DIR)/bench/results.json -o $(DEMO_DIR)/report
+	@echo "demo outputs in $(DEMO_DIR)/; the report is $(DEMO_DIR)/report/report.html (and report.md)"

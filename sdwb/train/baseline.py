@@ -254,3 +254,41 @@ def _print(msg: str) -> None:
     from rich.console import Console
 
     Console(stderr=True).print(msg)
+
+
+@torch.no_grad()
+def evaluate_reconstructions(model: str | Path, judge_spec: str | Path, count: int = 256) -> dict:
+    """Judge accuracy on held-out data-set images and on their VAE reconstructions.
+
+    Why: the UNet can never beat its VAE decoder. If colour or shape is lost in reconstruction,
+    retraining the UNet is pointless; this is the gate to check before it.
+    """
+    import numpy as np
+
+    from sdwb import shapes
+    from sdwb.judge import load_judge
+    from sdwb.loading import load_pipeline
+
+    vae = load_pipeline(str(model)).vae
+    samples = [shapes.sample_from_seed(shapes.EVAL_SEED_BASE + 900_000 + i) for i in range(count)]
+    real = np.stack([s.render() for s in samples])
+    x = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 127.5 - 1
+    rec = torch.cat(
+        [vae.decode(vae.encode(x[i : i + 64]).latent_dist.mean).sample for i in range(0, count, 64)]
+    )
+    rec_u8 = ((rec.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    judge = load_judge(str(judge_spec))
+    expected = [s.attributes for s in samples]
+    mse = ((rec_u8.astype(np.float64) - real) / 255) ** 2
+    return {
+        "images": count,
+        "recon_psnr_db": round(
+            float(np.mean(10 * np.log10(1 / np.maximum(mse.mean(axis=(1, 2, 3)), 1e-10)))), 2
+        ),
+        "judge_on_originals": {
+            k: round(v, 4) for k, v in judge.classify(list(real), expected).accuracy().items()
+        },
+        "judge_on_reconstructions": {
+            k: round(v, 4) for k, v in judge.classify(list(rec_u8), expected).accuracy().items()
+        },
+    }

@@ -51,9 +51,18 @@ def evaluate(
     scheduler: str = typer.Option("ddim", "--scheduler"),
     seed: int = typer.Option(0, "--seed"),
     grid: Optional[Path] = typer.Option(None, "--grid", help="save an image grid here"),
+    reconstructions: bool = typer.Option(
+        False,
+        "--reconstructions",
+        help="instead: judge accuracy on data-set images vs their VAE reconstructions",
+    ),
 ) -> None:
     """Score a model on the held-out eval prompts with the judge (accuracies, CLIP score)."""
-    from sdwb.train.baseline import evaluate_pipeline
+    from sdwb.train.baseline import evaluate_pipeline, evaluate_reconstructions
+
+    if reconstructions:
+        typer.echo(json.dumps(evaluate_reconstructions(model, judge), indent=2))
+        return
     from sdwb.train.config import BaselineTrainConfig, EvalConfig
 
     cfg = BaselineTrainConfig(
@@ -61,3 +70,16 @@ def evaluate(
     )
     result = evaluate_pipeline(model, judge, cfg, grid)
     typer.echo(json.dumps(result, indent=2))
+
+
+@baseline_app.command("report")
+def report(
+    run: Path = typer.Option(
+        Path("runs/baseline-train"), "--run", help="a `baseline train` output directory"
+    ),
+    out: Path = typer.Option(Path("reports"), "--out", "-o", help="where baseline.md and the grid go"),
+) -> None:
+    """Render OUT/baseline.md (+ grid) from a training run's eval.json: numbers, timings, command."""
+    from sdwb.train.report import write_baseline_report
+
+    typer.echo(f"wrote {write_baseline_report(run, out)}")
