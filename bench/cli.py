@@ -22,7 +22,9 @@ def bench_command(
         Optional[list[str]], typer.Option("--model", "-m", help="Quick form: a model to bench (repeat).")
     ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory.")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="torch | onnxruntime | tensorrt.")] = None,
+    backend: Annotated[
+        Optional[str], typer.Option(help="torch | onnxruntime (a model spec is exported once) | tensorrt.")
+    ] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda | auto.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp32 | bf16 | fp16.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps.")] = None,
@@ -35,7 +37,7 @@ def bench_command(
     repeats: Annotated[Optional[int], typer.Option(help="Timed runs per variant.")] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Warm-up runs per variant.")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Prompts per pipeline call.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (torch and ONNX Runtime).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of image 0.")] = None,
     metrics: Annotated[
         Optional[str], typer.Option(help="Comma list of latency,memory,quality (default all).")
@@ -52,6 +54,8 @@ def bench_command(
     Flags set the config's defaults (a variant's own setting still wins); --set KEY=VALUE edits any
     key (defaults.steps=4, variants.1.dtype=bf16). Writes DIR/results.csv, DIR/results.json,
     DIR/config.resolved.yaml and DIR/images/<variant>/<i>.png (default DIR: runs/<name>-<hash>).
+    --backend onnxruntime takes an `sdwb export onnx` directory, or a model spec that is exported
+    (and validated) once into DIR/exports/<variant>/; --backend tensorrt takes an engine directory.
     """
     from bench.harness import run_bench
     from bench.results import python_command

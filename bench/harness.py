@@ -1,14 +1,32 @@
 """``run_bench``: load every variant once, then images, latency, memory and quality -> results.
 
-Order and why: (1) every model is loaded first, so a missing or broken model fails before any
-time is spent; (2) the quality images (all prompts, ``images/<variant>/<i>.png``) are generated
+Order and why: (0) the exports that ``onnxruntime`` rows need are made (see below); (1) every
+model is loaded first, so a missing or broken model fails before any time is spent; (2) the
+quality images (all prompts, ``images/<variant>/<i>.png``) are generated
 next, which also warms every variant up; (3) latency runs interleaved across variants
 (:mod:`bench.latency`); (4) memory runs each variant in a fresh subprocess
-(:mod:`bench.memory`), after latency so the probes never compete with timed runs; (5) quality
+(:mod:`bench.memory`), after latency so the probes never compete with timed runs, and after the
+loaded pipelines are dropped so the probes get their RAM (sd15-arch); (5) quality
 scores the saved images (``bench.quality.compute_quality``): the judge and the expected
 attributes for the shapes prompts, the rendered data-set images as the CMMD reference (the
 baseline's images otherwise) and the baseline variant's images for PSNR/SSIM. Quality stays
 empty for models where it means nothing (``builtin:sd15-arch``).
+
+Backends: ``torch`` rows load a diffusers pipeline. ``onnxruntime`` rows take an ONNX export
+directory, or a torch model spec that is exported once into ``OUT/exports/<variant>/`` before
+anything is measured (validated against PyTorch, reused on the next run while its manifest
+still verifies and names the same source content: :func:`export.backends.ensure_export`); the
+sessions run with ``threads`` intra-op threads (the scenario's, else torch's default, recorded
+either way) on the CPU provider (CUDA then CPU for ``device: cuda``). ``tensorrt`` rows take an
+engine directory and need a GPU: without one they fail in the preflight with the runner's
+one-line reason. Exported rows generate the same prompts with the same seeds (so PSNR/SSIM
+against a torch baseline row compare the same images), are timed per component through the
+pipeline's hooks, and their memory probe opens the exported pipeline in a fresh process. Their
+``size_mb`` is the graph files and ``params_m`` the ONNX initializers (see
+:mod:`export.backends`); ``unet_gmacs`` is counted on the source torch UNet (same graph).
+Extra columns: ``providers``, ``export_dir``, ``export_reused`` and, for an export made by
+this run, ``export_s`` and ``export_peak_rss_mb`` (this process's peak RSS right after
+exporting, before any model is loaded: imports + export + validation, as ``sdwb export onnx``).
 
 After every phase the rows so far are saved as ``results.partial.*`` (images under
 ``images.partial/``); an error or Ctrl-C saves them too and re-raises. Only a finished run swaps
@@ -44,7 +62,8 @@ def torch_dtype(name: str):
 
 
 def preflight(scenarios: list[Scenario]) -> list[Scenario]:
-    """Check what can be checked before loading anything; resolve ``device: auto``."""
+    """Check what can be checked before loading anything; resolve ``device: auto`` and, for
+    ONNX Runtime rows, ``threads`` (torch's default when unset, so it is the recorded count)."""
     import torch
 
     out = []
@@ -57,12 +76,16 @@ def preflight(scenarios: list[Scenario]) -> list[Scenario]:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
             raise SdwbError(f"variant {s.variant}: device cuda requested but CUDA is not available here")
-        out.append(s.model_copy(update={"device": device}))
+        update = {"device": device}
+        if s.backend == "onnxruntime":
+            update["threads"] = s.threads or torch.get_num_threads()
+        out.append(s.model_copy(update=update))
     from sdwb.loading import resolve_spec
 
     for s in out:
         try:
-            resolve_spec(s.model, "pipeline")
+            if s.backend == "torch" or not _is_export_of(s):
+                resolve_spec(s.model, "pipeline")
         except SdwbError as e:
             raise SdwbError(f"variant {s.variant}: {e}") from None
     for judge in sorted({s.judge for s in out if "quality" in s.metrics and s.quality_applies}):
@@ -71,6 +94,24 @@ def preflight(scenarios: list[Scenario]) -> list[Scenario]:
         except SdwbError as e:
             raise SdwbError(f"judge: {e} (or leave quality out: metrics latency,memory)") from None
     return out
+
+
+def _is_export_of(s: Scenario) -> bool:
+    """For an exported backend: True when ``s.model`` is already what it runs; False when it is a
+    torch spec to export first (onnxruntime only). Wrong combinations are one-line errors."""
+    from export.backends import ONNX_FORMAT, check_model, manifest_format
+
+    if s.dtype != "fp32" and s.backend == "onnxruntime":
+        raise SdwbError(f"variant {s.variant}: dtype {s.dtype} with backend onnxruntime: exports are fp32 "
+                        "(set dtype: fp32 for this variant)")
+    found = manifest_format(s.model)
+    if s.backend == "onnxruntime" and found is None:
+        return False  # a torch model spec: exported into OUT/exports/<variant>/ by _prepare
+    try:
+        check_model(s.backend, s.model, flag="model")
+    except SdwbError as e:
+        raise SdwbError(f"variant {s.variant}: {e}") from None
+    return found == ONNX_FORMAT or s.backend == "tensorrt"
 
 
 class _Bars:
@@ -111,6 +152,7 @@ class _Run:
         self.prompts: list[str] = []  # of the images (the first imaged variant's; usually shared)
         self.image_files: dict[str, list[str]] = {}
         self.timings: dict[str, list] = {}
+        self.model_dirs: dict[str, Path] = {}  # exported rows: the export / engine directory run
 
     def frame(self) -> pd.DataFrame:
         from bench.latency import summarize
@@ -156,11 +198,13 @@ def run_bench(config: BenchConfig, out_dir: str | Path, progress: bool = True,
     run = _Run(config, scenarios, out, command)
     try:
         with _bars(progress) as bars:
+            _prepare(run, bars)
             pipes = _load(run, bars)
             _images(run, pipes, prompts, bars)
             run.save(partial=True)
             _latency(run, pipes, prompts, bars)
             run.save(partial=True)
+            _release(pipes)  # the probes' fresh processes get the RAM the loaded variants held
             _memory(run, bars)
             run.save(partial=True)
             _quality(run, prompts, bars)
@@ -190,8 +234,43 @@ def _swap_images(run: _Run) -> None:
                        for v, files in run.image_files.items()}
 
 
+def _prepare(run: _Run, bars: _Bars) -> None:
+    """Exported rows: the directory each runs; torch specs under onnxruntime are exported once
+    into ``OUT/exports/<variant>/`` (before any model is loaded, so the export has the RAM)."""
+    from export.backends import ensure_export
+
+    todo = [s for s in run.scenarios if s.backend != "torch"]
+    if not todo:
+        return
+    import time
+
+    from bench.memory_probe import peak_rss_mb
+
+    exported: dict[tuple[str, int], tuple[Path, dict]] = {}  # (spec, max_batch) -> (dir, columns)
+    advance = bars.task("exporting", len(todo))
+    for s in todo:
+        if _is_export_of(s):
+            run.model_dirs[s.variant] = Path(s.model).expanduser()
+        else:
+            key = (s.model, max(8, s.batch))
+            if key not in exported:
+                started = time.perf_counter()
+                try:
+                    target = run.out / "exports" / s.variant
+                    directory, reused = ensure_export(s.model, target, max_batch=key[1])
+                except SdwbError as e:
+                    raise SdwbError(f"variant {s.variant}: export of {s.model}: {e}") from None
+                columns = {"export_reused": reused}
+                if not reused:  # no model is loaded yet: the process peak is the export's
+                    columns.update(export_s=time.perf_counter() - started, export_peak_rss_mb=peak_rss_mb())
+                exported[key] = directory, columns
+            run.model_dirs[s.variant] = exported[key][0]
+            run.rows[s.variant].update(exported[key][1])
+        advance()
+
+
 def _load(run: _Run, bars: _Bars) -> dict[str, Any]:
-    """Load each distinct (model, dtype, device) once; fill the static columns."""
+    """Load each distinct (backend, model, dtype, device, threads) once; fill the static columns."""
     from bench.memory import param_counts, size_on_disk_mb
     from sdwb.loading import load_pipeline
 
@@ -199,6 +278,10 @@ def _load(run: _Run, bars: _Bars) -> dict[str, Any]:
     pipes: dict[str, Any] = {}
     advance = bars.task("loading", len(run.scenarios))
     for s in run.scenarios:
+        if s.backend != "torch":
+            pipes[s.variant] = _load_exported(run, s, cache)
+            advance()
+            continue
         key = (s.model, s.dtype, s.device)
         if key not in cache:
             try:
@@ -217,10 +300,45 @@ def _load(run: _Run, bars: _Bars) -> dict[str, Any]:
     return pipes
 
 
+def _load_exported(run: _Run, s: Scenario, cache: dict[tuple, Any]):
+    """Open an ONNX Runtime / TensorRT pipeline (hashes verified) and fill its static columns."""
+    from export.backends import exported_size_mb, onnx_param_counts, open_exported
+
+    directory = run.model_dirs[s.variant]
+    key = (s.backend, str(directory.resolve()), s.device, s.threads)
+    if key not in cache:
+        try:
+            cache[key] = open_exported(s.backend, directory, device=s.device, threads=s.threads)
+        except SdwbError as e:
+            raise SdwbError(f"variant {s.variant}: {e}") from None
+    pipe = cache[key]
+    if s.backend == "tensorrt":  # the engines' precision was fixed at build time: the row must say it
+        fp16 = any(e.get("precision", {}).get("fp16") for e in pipe.manifest["components"].values())
+        if s.dtype != ("fp16" if fp16 else "fp32"):
+            raise SdwbError(f"variant {s.variant}: dtype {s.dtype}, but the engines in {directory} are "
+                            f"{'fp16' if fp16 else 'fp32'} (set the variant's dtype to match)")
+    row = run.rows[s.variant]
+    if s.backend == "onnxruntime":
+        row.update(onnx_param_counts(directory, pipe.manifest))
+        row["providers"] = ",".join(pipe.info.get("providers", []))
+    row["size_mb"] = exported_size_mb(directory, pipe.manifest)
+    row["export_dir"] = _relative(directory, run.out)
+    side = pipe.facts["sample_size"] * pipe.facts["vae_scale_factor"]
+    row["height"], row["width"] = s.height or side, s.width or side
+    return pipe
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` when inside it (portable results), else as given."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _images(run: _Run, pipes: dict, prompts: dict, bars: _Bars) -> None:
     """Generate and save every prompt's image for the variants that measure quality."""
-    from bench.latency import fixed_threads
-    from sdwb.generate import generate
+    from bench.latency import fixed_threads, generate_fn_for
     from sdwb.runs import atomic_save_image
 
     todo = [s for s in run.scenarios if "quality" in s.metrics]
@@ -232,6 +350,7 @@ def _images(run: _Run, pipes: dict, prompts: dict, bars: _Bars) -> None:
         with fixed_threads(s.threads):
             for start in range(0, len(texts), s.batch):
                 chunk = texts[start : start + s.batch]
+                generate = generate_fn_for(pipes[s.variant])
                 try:
                     out = generate(pipes[s.variant], chunk, steps=s.steps, guidance=s.guidance,
                                    seed=s.seed + start, scheduler=s.scheduler, batch=s.batch,
@@ -271,6 +390,14 @@ def _latency(run: _Run, pipes: dict, prompts: dict, bars: _Bars) -> None:
         raise SdwbError(f"latency: {e}") from None
 
 
+def _release(pipes: dict[str, Any]) -> None:
+    """Drop every loaded pipeline (images are kept as PIL images, timings as numbers)."""
+    import gc
+
+    pipes.clear()
+    gc.collect()
+
+
 def _memory(run: _Run, bars: _Bars) -> None:
     """Peak RSS / CUDA peak / GMACs of each variant in a fresh subprocess."""
     from bench.memory import run_probe
@@ -278,7 +405,8 @@ def _memory(run: _Run, bars: _Bars) -> None:
     todo = [s for s in run.scenarios if "memory" in s.metrics]
     advance = bars.task("memory", len(todo))
     for s in todo:
-        result = run_probe(s)
+        exported = {"model": run.model_dirs[s.variant]} if s.variant in run.model_dirs else {}
+        result = run_probe(s, **exported)
         row = run.rows[s.variant]
         for key in ("peak_rss_mb", "cuda_peak_mb", "unet_gmacs"):
             row[key] = result.get(key)

@@ -3,7 +3,10 @@
 What: each timed run is one ``sdwb.generate.generate`` call on ``batch`` prompts (the same code
 path as the quality images). While it runs, ``text_encoder.forward``, ``unet.forward`` and
 ``vae.decode`` are wrapped with timers, so one run yields the end-to-end time and every
-component call. Why interleaved: runs go A B A B ... (after the warm-up runs, also
+component call. Exported pipelines (ONNX Runtime, TensorRT: :class:`export.ort.ExportedPipeline`)
+run :func:`export.ort.generate_ort` instead and are timed through their own hooks
+(:class:`HookTimer`: each session call of ``text_encoder``, ``unet``, ``vae_decoder``), so the
+columns mean the same on every backend. Why interleaved: runs go A B A B ... (after the warm-up runs, also
 interleaved), so slow drifts of the machine (thermal, a background job, page cache) hit every
 variant alike instead of biasing whichever was measured last.
 
@@ -142,6 +145,65 @@ class ComponentTimer:
         return batch
 
 
+class HookTimer:
+    """:class:`ComponentTimer` for exported pipelines: listens to ``pipe.hooks`` while active.
+
+    The pipeline reports ``(component, seconds)`` per session call (synchronised on CUDA) and
+    ``pipe.last_batch`` gives the call's batch; ``vae_decoder`` is reported as ``vae_decode``.
+    """
+
+    NAMES = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae_decode"}
+
+    def __init__(self, pipe, clock=None):
+        self.pipe = pipe
+        self.clock = clock or CpuClock()
+        self._calls: dict[str, list[float]] = {name: [] for name in COMPONENTS}
+        self.unet_batches: list[int] = []
+
+    def _hook(self, component: str, seconds: float) -> None:
+        name = self.NAMES.get(component)
+        if name is None:
+            return
+        self._calls[name].append(seconds)
+        if name == "unet" and component in self.pipe.last_batch:
+            self.unet_batches.append(self.pipe.last_batch[component])
+
+    def __enter__(self) -> HookTimer:
+        self.pipe.hooks.append(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._hook in self.pipe.hooks:
+            self.pipe.hooks.remove(self._hook)
+
+    def take(self) -> dict[str, list[float]]:
+        out, self._calls = self._calls, {name: [] for name in COMPONENTS}
+        return out
+
+    take_unet_batch = ComponentTimer.take_unet_batch
+
+
+def is_exported(pipe) -> bool:
+    """True for an exported pipeline (ONNX Runtime / TensorRT), False for a diffusers one."""
+    return hasattr(pipe, "record_timings") and hasattr(pipe, "hooks")
+
+
+def timer_for(pipe, clock=None):
+    """The component timer that fits ``pipe``'s kind."""
+    return HookTimer(pipe, clock) if is_exported(pipe) else ComponentTimer(pipe, clock)
+
+
+def generate_fn_for(pipe) -> Callable:
+    """:func:`sdwb.generate.generate` or, for exported pipelines, :func:`export.ort.generate_ort`."""
+    if is_exported(pipe):
+        from export.ort import generate_ort
+
+        return generate_ort
+    from sdwb.generate import generate
+
+    return generate
+
+
 @dataclass
 class RunTiming:
     """One timed run of one variant."""
@@ -167,16 +229,18 @@ def interleaved_schedule(scenarios) -> list[tuple[str, str, int]]:
 
 def timed_run(pipe, scenario, prompts: list[str], clock=None, threads: int | None = None,
               generate_fn: Callable | None = None) -> tuple[float, int, dict[str, list[float]], int | None]:
-    """One batch with the component timers on: ``(seconds, threads, calls, latents per UNet call)``."""
+    """One batch with the component timers on: ``(seconds, threads, calls, latents per UNet call)``.
+
+    ``threads`` sets torch's intra-op threads for the run; an ONNX Runtime pipeline's sessions
+    were opened with the scenario's threads (see ``bench.harness``), which is what is returned.
+    """
     import torch
 
-    from sdwb.generate import generate
-
-    generate_fn = generate_fn or generate
+    generate_fn = generate_fn or generate_fn_for(pipe)
     clock = clock or clock_for(scenario.device)
     if threads is not None:
         torch.set_num_threads(threads)
-    with ComponentTimer(pipe, clock) as timer:
+    with timer_for(pipe, clock) as timer:
         start = clock.now()
         generate_fn(pipe, prompts, steps=scenario.steps, guidance=scenario.guidance, seed=scenario.seed,
                     scheduler=scenario.scheduler, batch=scenario.batch, height=scenario.height,
@@ -184,7 +248,8 @@ def timed_run(pipe, scenario, prompts: list[str], clock=None, threads: int | Non
         seconds = clock.now() - start
         calls = timer.take()
         unet_batch = timer.take_unet_batch()
-    return seconds, torch.get_num_threads(), calls, unet_batch
+    ort_threads = getattr(pipe, "info", {}).get("intra_op_num_threads") if is_exported(pipe) else None
+    return seconds, ort_threads or torch.get_num_threads(), calls, unet_batch
 
 
 def batch_prompts(prompts: list[str], batch: int, index: int) -> list[str]:

@@ -3,14 +3,17 @@
 Why a fresh subprocess per variant: the benchmark process holds every variant at once, plus
 allocator caches and libraries warmed by earlier work, so its own RSS says nothing about one
 variant. :mod:`bench.memory_probe` starts clean, loads the model, generates one batch and
-reports ``ru_maxrss`` (the high-water mark of the whole process: Python, torch and the libraries
+reports its peak RSS (the high-water mark of the whole process: Python, torch and the libraries
 included, as a deployment would see it) and, on CUDA, ``torch.cuda.max_memory_allocated``.
 
 GMACs are counted by torch-pruning's ``count_ops_and_params`` for ONE UNet call on ONE sample
 (latent ``1 x C x H/f x W/f``, one timestep, ``1 x tokens x hidden`` text states); multiply by
 ``unet_batch`` (2*batch with guidance) for a real call. The counter hooks nn.Modules (conv,
 linear, norms, ...): functional ops, notably the attention matmuls inside
-``scaled_dot_product_attention``, are NOT counted. MB below means 2**20 bytes.
+``scaled_dot_product_attention``, are NOT counted. For exported rows (ONNX Runtime, TensorRT) the
+probe opens the exported pipeline, and GMACs are counted on the source torch UNet the export
+recorded (the graph is the same computation); ``cuda_peak_mb`` stays empty for them (torch's
+allocator does not see ONNX Runtime's or TensorRT's device memory). MB means 2**20 bytes.
 """
 
 from __future__ import annotations
@@ -28,9 +31,14 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".on
 MB = 2**20
 
 
-def probe_command(scenario, allocate_mb: int = 0, gmacs: bool = True) -> list[str]:
-    """The command line that runs the memory probe for ``scenario`` (a bench Scenario)."""
-    cmd = [sys.executable, "-m", "bench.memory_probe", "--model", scenario.model, "--dtype", scenario.dtype,
+def probe_command(scenario, allocate_mb: int = 0, gmacs: bool = True,
+                  model: str | Path | None = None) -> list[str]:
+    """The command line that runs the memory probe for ``scenario`` (a bench Scenario).
+
+    ``model`` replaces ``scenario.model`` (the export directory an onnxruntime row runs).
+    """
+    cmd = [sys.executable, "-m", "bench.memory_probe", "--model", str(model or scenario.model),
+           "--backend", scenario.backend, "--dtype", scenario.dtype,
            "--device", scenario.device, "--steps", str(scenario.steps), "--guidance", str(scenario.guidance),
            "--scheduler", scenario.scheduler, "--batch", str(scenario.batch), "--seed", str(scenario.seed)]
     for flag, value in (("--threads", scenario.threads), ("--height", scenario.height),
@@ -44,13 +52,14 @@ def probe_command(scenario, allocate_mb: int = 0, gmacs: bool = True) -> list[st
     return cmd
 
 
-def run_probe(scenario, allocate_mb: int = 0, gmacs: bool = True, timeout: float | None = None) -> dict:
+def run_probe(scenario, allocate_mb: int = 0, gmacs: bool = True, timeout: float | None = None,
+              model: str | Path | None = None) -> dict:
     """Run the probe in a fresh interpreter and return its JSON; SdwbError with its last line on failure."""
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("HF_HUB_OFFLINE", "1")
-    cmd = probe_command(scenario, allocate_mb, gmacs)
+    cmd = probe_command(scenario, allocate_mb, gmacs, model)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -2,10 +2,14 @@
 
 Why its own module: it must run in a fresh interpreter (see :mod:`bench.memory`) so the peak
 RSS belongs to this one variant. The result is the last stdout line, ``SDWB_PROBE {json}``:
-``peak_rss_mb`` (ru_maxrss, the whole process), ``rss_after_import_mb``, ``rss_after_load_mb``,
-``rss_after_generate_mb`` (current RSS at those points), ``cuda_peak_mb`` (CUDA only) and, unless
-``--no-gmacs``, ``unet_gmacs`` counted after the peak was read (counting copies the UNet).
+``peak_rss_mb`` (the whole process's high-water mark, see :func:`peak_rss_mb`),
+``rss_after_import_mb``, ``rss_after_load_mb``, ``rss_after_generate_mb`` (current RSS at those
+points), ``cuda_peak_mb`` (CUDA only) and, unless ``--no-gmacs``, ``unet_gmacs`` counted after the
+peak was read (counting copies the UNet).
 ``--allocate-mb N`` touches N MB more after generating: tests use it to check the probe sees it.
+``--backend onnxruntime|tensorrt``: ``--model`` is an export (engine) directory, opened as the
+benchmark opens it (``--threads`` = ONNX Runtime intra-op threads); GMACs are then counted on the
+source torch model named in its manifest (empty when the export came from an in-memory pipeline).
 Failures print ``SDWB_PROBE {"error": ...}`` and exit 2.
 """
 
@@ -31,7 +35,20 @@ def current_rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """ru_maxrss of this process in MB (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process, MB: ``VmHWM`` on Linux, else ``ru_maxrss``.
+
+    Why not ``ru_maxrss`` on Linux: the kernel carries the parent's high-water mark across
+    fork/vfork + exec into the child's ``ru_maxrss``, so a probe started by a 2 GB benchmark
+    process would report >= 2 GB whatever it loads. ``VmHWM`` belongs to this process's own
+    address space (the one exec created).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
@@ -39,6 +56,7 @@ def peak_rss_mb() -> float:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.memory_probe", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"))
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=2)
@@ -74,8 +92,16 @@ def probe(args: argparse.Namespace) -> dict:
                  "threads": torch.get_num_threads()}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    pipe = load_pipeline(args.model, device=device, dtype=dtype)
+    exported = args.backend != "torch"
+    if exported:
+        from export.backends import open_exported
+        from export.ort import generate_ort as generate
+
+        pipe = open_exported(args.backend, args.model, device=device, threads=args.threads)
+        out["threads"] = args.threads or out["threads"]
+    else:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        pipe = load_pipeline(args.model, device=device, dtype=dtype)
     out["rss_after_load_mb"] = current_rss_mb()
     generate(pipe, [args.prompt] * args.batch, steps=args.steps, guidance=args.guidance, seed=args.seed,
              scheduler=args.scheduler, batch=args.batch, height=args.height, width=args.width, progress=False)
@@ -85,13 +111,30 @@ def probe(args: argparse.Namespace) -> dict:
         ballast = torch.ones(args.allocate_mb * 2**20, dtype=torch.uint8)  # ones(): pages are touched
         out["allocated_mb"] = float(args.allocate_mb)
     out["peak_rss_mb"] = peak_rss_mb()
-    out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda and not exported else None
     del ballast
     if not args.no_gmacs:
         from bench.memory import unet_example_inputs, unet_gmacs
 
-        out["unet_gmacs"] = unet_gmacs(pipe.unet, unet_example_inputs(pipe, args.height, args.width))
+        if exported:
+            pipe = _source_pipeline(pipe.manifest)
+        if pipe is not None:
+            out["unet_gmacs"] = unet_gmacs(pipe.unet, unet_example_inputs(pipe, args.height, args.width))
     return out
+
+
+def _source_pipeline(manifest: dict):
+    """The torch pipeline an export (or the export behind engines) came from, or None."""
+    from pathlib import Path
+
+    from sdwb.loading import load_pipeline
+
+    source = manifest.get("source") or {}
+    source = source.get("model", source)
+    path, spec = source.get("path"), source.get("spec")
+    if path and Path(path).is_dir():
+        return load_pipeline(path)
+    return load_pipeline(spec) if spec else None
 
 
 def main(argv: list[str] | None = None) -> int:

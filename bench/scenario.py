@@ -27,7 +27,7 @@ from sdwb.errors import SdwbError
 Metric = Literal["latency", "memory", "quality"]
 METRICS: tuple[str, ...] = ("latency", "memory", "quality")
 SHAPES_EVAL = "builtin:shapes-eval"
-SUPPORTED_BACKENDS = ("torch",)
+SUPPORTED_BACKENDS = ("torch", "onnxruntime", "tensorrt")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -37,10 +37,11 @@ class Settings(BaseModel):
 
     model_config = _STRICT
 
-    backend: Backend = Field("torch", description="torch | onnxruntime | tensorrt (only torch runs yet)")
+    backend: Backend = Field("torch", description="torch | onnxruntime | tensorrt (see bench.harness)")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="auto: cuda when available")
     dtype: DType = "fp32"
-    threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads; None: library default")
+    threads: Optional[int] = Field(None, ge=1, description="intra-op threads (torch, and ONNX Runtime "
+                                   "sessions); None: torch's default, used for both")
     batch: int = Field(1, ge=1, le=256, description="prompts per pipeline call (one timed run)")
     height: Optional[int] = Field(None, ge=8, multiple_of=8, description="pixels; None: the model's")
     width: Optional[int] = Field(None, ge=8, multiple_of=8, description="pixels; None: the model's")
@@ -81,13 +82,30 @@ class Scenario(Settings):
     baseline: str  # row label whose images PSNR/SSIM compare against
 
     @property
+    def source_model(self) -> str:
+        """The spec the row's weights come from: ``model``, or for an export / engine directory
+        the spec its manifest records (``builtin:sd15-arch`` exported is still sd15-arch)."""
+        import json
+
+        manifest = Path(self.model).expanduser() / "manifest.json"
+        if self.model.startswith("builtin:") or not manifest.is_file():
+            return self.model
+        try:
+            source = json.loads(manifest.read_text()).get("source") or {}
+        except (OSError, ValueError, AttributeError):
+            return self.model
+        source = source.get("model", source)  # engines record the ONNX export's source under "model"
+        return source.get("spec") or self.model
+
+    @property
     def quality_applies(self) -> bool:
         """False for builtin models whose weights make quality meaningless (sd15-arch)."""
-        if not self.model.startswith("builtin:"):
+        model = self.source_model
+        if not model.startswith("builtin:"):
             return True
         from sdwb.zoo import get_builtin
 
-        return get_builtin(self.model).quality_metrics
+        return get_builtin(model).quality_metrics
 
 
 class BenchConfig(BaseModel):

@@ -15,7 +15,6 @@ import typer
 
 from sdwb.errors import SdwbError
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 export_app = typer.Typer(
     help="Export a model to ONNX (validated against PyTorch) or build TensorRT engines from an export.",
     no_args_is_help=True,
@@ -115,8 +114,13 @@ def generate_with_backend(backend: str, model_dir: str | Path, prompts: list[str
 
     ``kw`` are :func:`sdwb.generate.generate`'s (steps, guidance, seed, scheduler, batch, height,
     width, progress). ``model_dir``: a model spec for torch, an ONNX export for onnxruntime, an
-    engine directory for tensorrt. ``providers``/``threads`` apply to onnxruntime only.
+    engine directory for tensorrt (anything else: a one-line error saying which export to run
+    first, see :func:`export.backends.check_model`). ``providers`` (default: from ``device``) and
+    ``threads`` (intra-op) apply to onnxruntime only; ``dtype`` to torch only (exports are fp32,
+    engine precision is fixed when they are built).
     """
+    from export.backends import check_model, open_exported
+
     if backend == "torch":
         import torch
 
@@ -127,14 +131,11 @@ def generate_with_backend(backend: str, model_dir: str | Path, prompts: list[str
         return generate(pipe, prompts, **kw)
     from export.ort import generate_ort
 
-    if backend == "onnxruntime":
+    directory = check_model(backend, model_dir)
+    if backend == "onnxruntime" and providers is not None:
         from export.ort import OrtStableDiffusionPipeline
 
-        pipe = OrtStableDiffusionPipeline.from_export(model_dir, providers=providers, threads=threads)
-    elif backend == "tensorrt":
-        from export.tensorrt import TrtRunner
-
-        pipe = TrtRunner.from_engines(model_dir)
+        pipe = OrtStableDiffusionPipeline.from_export(directory, providers=providers, threads=threads)
     else:
-        raise SdwbError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
+        pipe = open_exported(backend, directory, device=device, threads=threads)
     return generate_ort(pipe, prompts, **kw)

@@ -347,6 +347,26 @@ def _save_scheduler(scheduler, directory: Path) -> None:
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def source_fingerprint(spec: str) -> str:
+    """What the export of ``spec`` depends on, as one string (recorded as ``source.fingerprint``).
+
+    A model built in code (``builtin:sd15-arch``: seeded weights) is its name plus the sdwb
+    version; a directory is the sha256 over every file's relative path and sha256 (configs,
+    tokenizer and weights). The benchmark reuses a cached export only while this still matches.
+    """
+    import sdwb
+    from sdwb.loading import resolve_spec
+    from sdwb.zoo import BUILTIN_PREFIX, get_builtin
+
+    if spec.startswith(BUILTIN_PREFIX) and get_builtin(spec).asset is None:
+        return f"code:{get_builtin(spec).name}:sdwb-{sdwb.__version__}"
+    root = Path(resolve_spec(spec, "pipeline"))
+    h = hashlib.sha256()
+    for rel, meta in hash_files(root, skip=()).items():
+        h.update(f"{rel}\0{meta['sha256']}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
 def _source(spec_or_pipe) -> tuple[object, dict, Path | None]:
     """(pipeline, source record, directory holding its sdwb.json or None)."""
     if not isinstance(spec_or_pipe, (str, Path)):
@@ -358,7 +378,8 @@ def _source(spec_or_pipe) -> tuple[object, dict, Path | None]:
     built_in_code = spec.startswith(BUILTIN_PREFIX) and get_builtin(spec).asset is None
     path = None if built_in_code else resolve_spec(spec, "pipeline")
     pipe = load_pipeline(spec, device="cpu", dtype=torch.float32)
-    record = {"spec": spec, "path": str(Path(path).resolve()) if path else None}
+    record = {"spec": spec, "path": str(Path(path).resolve()) if path else None,
+              "fingerprint": source_fingerprint(spec)}
     sdwb_json = Path(path) / "sdwb.json" if path else None
     if sdwb_json and sdwb_json.is_file():
         try:

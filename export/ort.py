@@ -109,11 +109,19 @@ class ExportedPipeline:
         self.components, self.tokenizer, self.scheduler = components, tokenizer, scheduler
         self.facts, self.device, self.info = facts, torch.device(device), info or {}
         self.hooks: list[Callable[[str, float], None]] = []
+        self.last_batch: dict[str, int] = {}
         self.manifest: dict = {}
 
     # ---------------------------------------------------------------- timing
     def run_component(self, name: str, **inputs: torch.Tensor) -> torch.Tensor:
-        """Run one component; report ``(name, seconds)`` to every hook."""
+        """Run one component; report ``(name, seconds)`` to every hook.
+
+        ``last_batch[name]`` is the leading dim of the call's first input (the benchmark reads
+        it to tell the 2B guidance batch of the UNet from the B of the VAE).
+        """
+        first = next(iter(inputs.values()), None)
+        if first is not None and first.dim():
+            self.last_batch[name] = int(first.shape[0])
         started = time.perf_counter()
         out = self.components[name](**inputs)
         if self.hooks:

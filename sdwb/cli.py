@@ -44,8 +44,10 @@ else:
 
 from bench.cli import bench_command  # noqa: E402  (imports only typer; heavy imports are lazy)
 from bench.report_cli import report_command  # noqa: E402
+from compress.cli import compress_app  # noqa: E402
 from export.cli import export_app  # noqa: E402
 
+app.add_typer(compress_app, name="compress")
 app.add_typer(export_app, name="export")
 app.command("bench")(bench_command)
 app.command("report")(report_command)
@@ -172,7 +174,9 @@ def generate(
     height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: model's).")] = None,
     width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: model's).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp32 | bf16 | fp16 (default fp32).")] = None,
-    backend: Annotated[str, typer.Option(help="Inference backend (only torch so far).")] = "torch",
+    backend: Annotated[
+        str, typer.Option(help="torch | onnxruntime | tensorrt (the last two: --model is an export dir).")
+    ] = "torch",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
     config: Annotated[
         Optional[Path], typer.Option("--config", "-c", help="Recipe YAML; flags override it.")
@@ -184,8 +188,8 @@ def generate(
     from sdwb.config import config_hash, load_recipe, recipe_from_dict, resolved_dict
     from sdwb.runs import atomic_save_image, atomic_write_json, check_writable_file
 
-    if backend != "torch":
-        raise SdwbError(f"--backend {backend}: not supported by `sdwb generate` yet (supported: torch)")
+    if backend not in ("torch", "onnxruntime", "tensorrt"):
+        raise SdwbError(f"--backend {backend}: expected torch, onnxruntime or tensorrt")
     recipe = load_recipe(config, set_)
     flags = {"model": model, "steps": steps, "guidance": guidance, "seed": seed, "scheduler": scheduler,
              "batch": batch, "height": height, "width": width, "dtype": dtype}
@@ -200,18 +204,21 @@ def generate(
 
     import torch
 
-    from sdwb.generate import generate as run_generate
-    from sdwb.loading import load_pipeline
-
     _disable_library_progress_bars()
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[g.dtype]
     started = time.perf_counter()
-    with _console().status(f"loading {recipe.model}", spinner="dots"):
-        pipe = load_pipeline(recipe.model, device=device, dtype=torch_dtype)
     prompts = [p for p in prompt for _ in range(g.batch)]
-    images = run_generate(pipe, prompts, steps=g.steps, guidance=g.guidance, seed=g.seed,
-                          scheduler=g.scheduler, batch=g.batch, height=g.height, width=g.width,
-                          progress=progress)
+    kw = dict(steps=g.steps, guidance=g.guidance, seed=g.seed, scheduler=g.scheduler, batch=g.batch,
+              height=g.height, width=g.width, progress=progress)
+    if backend == "torch":
+        from sdwb.generate import generate as run_generate
+        from sdwb.loading import load_pipeline
+
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[g.dtype]
+        with _console().status(f"loading {recipe.model}", spinner="dots"):
+            pipe = load_pipeline(recipe.model, device=device, dtype=torch_dtype)
+        images = run_generate(pipe, prompts, **kw)
+    else:
+        images = _generate_exported(backend, recipe.model, g.dtype, device, prompts, kw)
     files = []
     if len(images) == 1:
         atomic_save_image(images[0], output)
@@ -237,6 +244,19 @@ def generate(
     }
     meta = atomic_write_json(output.with_suffix(".json"), record)
     typer.echo(f"wrote {output} ({len(images)} image{'s' if len(images) > 1 else ''}) and {meta}")
+
+
+def _generate_exported(backend: str, model: str, dtype: str, device: str, prompts: list[str],
+                       kw: dict) -> list:
+    """``--backend onnxruntime|tensorrt``: ``model`` must be an export (engine) directory."""
+    from export.backends import check_model
+    from export.cli import generate_with_backend
+
+    if dtype != "fp32":
+        raise SdwbError(f"--dtype {dtype}: --backend {backend} runs the export's own precision (exports "
+                        "are fp32; fp16 TensorRT engines come from `sdwb export tensorrt --fp16`); use fp32")
+    check_model(backend, model)  # one-line error naming the export to run first
+    return generate_with_backend(backend, model, prompts, device=device, **kw)
 
 
 # --------------------------------------------------------------------------- data

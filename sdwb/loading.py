@@ -163,9 +163,33 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.flo
         module = getattr(pipe, name)
         _cast(module, dtype)
         module.eval().requires_grad_(False)
+    record = _quantized_record(path)
+    if record is not None:
+        return _requantize(pipe, path, record, device, dtype)
     if device != "cpu":
         pipe = pipe.to(device)
     return pipe
+
+
+def _quantized_record(path: Path) -> dict | None:
+    """The ``sdwb.json`` of a quantized variant directory, else None (plain pipelines, pruned ...)."""
+    if not (path / "sdwb.json").is_file():
+        return None
+    from compress.variants import is_quantized, read_record
+
+    record = read_record(path)
+    return record if is_quantized(record) else None
+
+
+def _requantize(pipe, path: Path, record: dict, device: str, dtype: torch.dtype):
+    """Re-apply the recorded quantization (the method decides the precision, so dtype must be fp32)."""
+    from compress.variants import reapply
+
+    if dtype != torch.float32:
+        name = str(dtype).removeprefix("torch.")
+        raise SdwbError(f"{path}: a {record.get('method')} variant sets its own precision; load it "
+                        f"with dtype fp32 (got {name})")
+    return reapply(pipe, path, record, device)
 
 
 def load_judge(spec: str = "builtin:shapes-judge", device: str = "cpu"):

@@ -188,6 +188,33 @@ def test_component_timer_on_a_fake_clock_and_summary_statistics():
     assert latency.summarize([]) == {}
 
 
+def test_hook_timer_reads_an_exported_pipelines_hooks():
+    class Exported:  # the shape of export.ort.ExportedPipeline that the timer relies on
+        def __init__(self):
+            self.hooks, self.last_batch = [], {}
+
+        def record_timings(self):
+            raise NotImplementedError
+
+        def run(self, name, batch, seconds):
+            self.last_batch[name] = batch
+            for hook in self.hooks:
+                hook(name, seconds)
+
+    pipe = Exported()
+    assert latency.is_exported(pipe) and isinstance(latency.timer_for(pipe), latency.HookTimer)
+    with latency.timer_for(pipe) as timer:
+        pipe.run("text_encoder", 2, 0.001)
+        for _ in range(3):
+            pipe.run("unet", 2, 0.01)
+        pipe.run("vae_decoder", 1, 0.002)
+        calls = timer.take()
+        assert timer.take_unet_batch() == 2
+    assert calls == {"text_encoder": [0.001], "unet": [0.01] * 3, "vae_decode": [0.002]}
+    assert pipe.hooks == []  # removed on exit
+    assert not latency.is_exported(object())
+
+
 def test_runs_are_interleaved_across_variants():
     config = bench_config_from_dict({"defaults": {"warmup": 1, "repeats": 3},
                                      "variants": [{"name": "A", "model": "m"},
@@ -229,6 +256,21 @@ def test_memory_probe_sees_a_deliberate_allocation(tiny_pipeline_dir):
     assert out["peak_rss_mb"] > 0 and out["cuda_peak_mb"] is None
     assert out["peak_rss_mb"] >= out["rss_after_generate_mb"] + 0.9 * 256
     assert out["unet_gmacs"] > 0
+
+
+def test_memory_probe_peak_is_not_the_parents(tiny_pipeline_dir):
+    """Linux carries a parent's RSS high-water mark into a child's ru_maxrss across fork + exec;
+    the probe reads its own (VmHWM), so a big benchmark process does not inflate every row."""
+    import numpy as np
+
+    from bench.memory_probe import current_rss_mb
+
+    ballast = np.ones(2**28, dtype=np.float32)  # 1 GiB, touched
+    parent = current_rss_mb()
+    scenario = quick_config([str(tiny_pipeline_dir)], steps=1, threads=1).scenarios()[0]
+    out = memory.run_probe(scenario, gmacs=False, timeout=120)
+    del ballast
+    assert parent > 1024 and 0 < out["peak_rss_mb"] < parent - 512
 
 
 def test_memory_probe_failure_is_one_line(tmp_path):
@@ -293,13 +335,14 @@ def test_load_results_merges_files(tmp_path):
 # --------------------------------------------------------------------------- run_bench
 
 
-def test_unsupported_backend_fails_before_anything_is_written(tmp_path, tiny_pipeline_dir):
+def test_unusable_backend_fails_before_anything_is_written(tmp_path, tiny_pipeline_dir):
+    """An onnxruntime row in bf16 is refused up front (exports are fp32); more in test_backends.py."""
     from bench.harness import run_bench
 
-    config = quick_config([str(tiny_pipeline_dir)], backend="onnxruntime")
-    with pytest.raises(SdwbError, match="backend onnxruntime is not supported yet"):
+    config = quick_config([str(tiny_pipeline_dir)], backend="onnxruntime", dtype="bf16")
+    with pytest.raises(SdwbError, match="dtype bf16 with backend onnxruntime"):
         run_bench(config, tmp_path / "out", progress=False)
-    assert not (tmp_path / "out" / "results.json").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_nan_output_is_a_one_line_error_naming_the_variant(tmp_path):

@@ -117,6 +117,7 @@ def test_ort_pipeline_images_match_torch(pipe, exported):
             assert _psnr(a, b) >= 40.0, scheduler
         assert {k: len(v) for k, v in log.items()} == {"text_encoder": 1, "unet": 4, "vae_decoder": 1}
         assert all(s > 0 for v in log.values() for s in v)
+        assert ort_pipe.last_batch == {"text_encoder": 4, "unet": 4, "vae_decoder": 2}  # CFG doubles
     # image i depends on seed + i only, not on the batch it was generated in
     single = generate_ort(ort_pipe, PROMPTS[1:], steps=4, seed=6, scheduler="ddim", batch=1, progress=False)
     pair = generate_ort(ort_pipe, PROMPTS, steps=4, seed=5, scheduler="ddim", batch=2, progress=False)
@@ -262,6 +263,9 @@ def test_cli_export_and_generate_with_backend(tiny_pipeline_dir, tmp_path):
     assert result.exit_code == 0, result.output
     manifest = verify_manifest(out)
     assert manifest["source"]["variant"] == {"stage": "baseline", "parent": None}
+    from export.onnx import source_fingerprint
+
+    assert manifest["source"]["fingerprint"] == source_fingerprint(str(model))
     assert (out / "sdwb.json").is_file() and "sdwb.json" in manifest["files"]
     kw = dict(steps=3, seed=1, scheduler="ddim", batch=1, progress=False)
     ref = generate_with_backend("torch", model, PROMPTS[:1], **kw)
@@ -269,6 +273,8 @@ def test_cli_export_and_generate_with_backend(tiny_pipeline_dir, tmp_path):
     assert _psnr(ref[0], got[0]) >= 40.0
     with pytest.raises(SdwbError, match="--backend"):
         generate_with_backend("openvino", out, PROMPTS[:1], **kw)
+    with pytest.raises(SdwbError, match="not an ONNX export directory"):
+        generate_with_backend("onnxruntime", model, PROMPTS[:1], **kw)
     args = ["onnx", "--model", str(model), "-o", str(tmp_path / "x"), "--components", "vae"]
     bad = CliRunner().invoke(export_app, args)
     assert isinstance(bad.exception, SdwbError) and "--components" in str(bad.exception)

@@ -87,6 +87,49 @@ def wrap(module, name: str, log: dict) -> None:
     module.forward = timed
 
 
+def graph_compare(ours: Path, theirs: Path, threads: int, blocks: int = 4, block: int = 11) -> dict:
+    """UNet graph alone: sdwb's and optimum's ``unet/model.onnx`` in one process, same session
+    options, same random inputs at sdwb's opt point (batch 2 = one image under guidance), in
+    alternating blocks of ``block`` runs (A B A B ...), the first run of each block not timed: an
+    idle session's intra-op workers spin for a while after its last run and would steal a core
+    from the other on this 2-core machine if single runs alternated. optimum's graph takes one
+    timestep per sample, sdwb's one for the batch."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    entry = json.loads((ours / "manifest.json").read_text())["components"]["unet"]
+    point = {axis: v["opt"] for axis, v in entry["axes"].items()}
+    dims = {s["name"]: [d if isinstance(d, int) else point[d] for d in s["shape"]] for s in entry["inputs"]}
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal(dims["sample"]).astype(np.float32)
+    states = rng.standard_normal(dims["encoder_hidden_states"]).astype(np.float32)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sessions, feeds, nodes = {}, {}, {}
+    for name, d in (("sdwb", ours), ("optimum", theirs)):
+        path = str(d / "unet" / "model.onnx")
+        sessions[name] = sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        nodes[name] = len(onnx.load(path, load_external_data=False).graph.node)
+        t = next(i for i in sess.get_inputs() if i.name == "timestep")
+        shape = () if not t.shape else ((1,) if name == "sdwb" else (sample.shape[0],))
+        timestep = np.full(shape, 500, dtype=np.int64 if "int64" in t.type else np.float32)
+        feeds[name] = {"sample": sample, "timestep": timestep, "encoder_hidden_states": states}
+    outs = {name: sess.run(None, feeds[name])[0] for name, sess in sessions.items()}  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(blocks):
+        for name, sess in sessions.items():
+            sess.run(None, feeds[name])  # not timed: the other session's workers settle
+            for _ in range(block - 1):
+                start = time.perf_counter()
+                sess.run(None, feeds[name])
+                times[name].append(time.perf_counter() - start)
+    return {"unet_graph_ms": {k: 1000 * float(np.median(v)) for k, v in times.items()},
+            "unet_graph_max_abs_diff": float(np.abs(outs["sdwb"] - outs["optimum"]).max()),
+            "unet_graph_nodes": nodes, "batch": int(sample.shape[0]), "timed_runs": len(times["sdwb"])}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="diffusers directory (the bench's model)")
@@ -96,6 +139,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--sdwb-export", default=None, help="sdwb export dir: also time both UNet graphs alone")
     p.add_argument("-o", "--output", required=True)
     args = p.parse_args()
 
@@ -175,6 +219,8 @@ def main() -> None:
                 "e2e_s_p90": float(np.percentile(per_image, 90)), "unet_ms_per_call": float(np.median(unet)),
                 "text_encoder_ms": float(np.median(text)), "vae_decode_ms": float(np.median(vae)),
                 "repeats": args.repeats})
+    if args.sdwb_export:
+        out["graph_compare"] = graph_compare(Path(args.sdwb_export), export_dir, args.threads)
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 

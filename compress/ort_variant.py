@@ -1,0 +1,187 @@
+"""ONNX Runtime variants: quantize the graphs of a float export into a new, guarded export directory.
+
+The variant is an ordinary export directory (``export/onnx.py`` layout, same manifest format,
+so ``OrtStableDiffusionPipeline.from_export`` and ``sdwb bench --backend onnxruntime`` open it)
+whose quantized components replace the float graphs. The manifest keeps the float export's
+interfaces and adds, per quantized component, a ``quantization`` entry (method, excluded nodes,
+quantize ops, size before/after, max error vs the float graph on recorded inputs) and, at the
+top, ``quantization`` and ``source`` blocks; ``files`` is re-hashed. ``sdwb.json`` beside it is
+the variant record (:mod:`compress.variants`), with the calibration's visited timesteps.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compress import guard as guard_mod
+from compress.quant_config import QuantConfig, resolved
+from compress.quantize import MB, Variant, copy_export, scratch_dir
+from compress.variants import build_record, hash_tree
+from sdwb.errors import SdwbError
+
+COMPARE_SAMPLES = 4
+
+
+def _component_files(manifest: dict, name: str) -> list[str]:
+    return [rel for rel in manifest["files"] if rel.startswith(name + "/")]
+
+
+def _sample_feeds(entry: dict, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Seeded random inputs at the manifest's opt point (when no calibration feeds exist)."""
+    from export.interfaces import resolve_dim
+
+    point = {axis: v["opt"] for axis, v in entry["axes"].items()}
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in entry["inputs"]:
+        shape = tuple(resolve_dim(d, point) for d in spec["shape"])
+        if spec["name"] == "timestep":
+            feeds[spec["name"]] = np.full(shape, 500.0, dtype=spec["dtype"])
+        elif spec["dtype"].startswith("int"):
+            feeds[spec["name"]] = rng.integers(0, 100, shape).astype(spec["dtype"])
+        else:
+            feeds[spec["name"]] = rng.standard_normal(shape).astype(spec["dtype"])
+    return [feeds]
+
+
+def _spread(items: list, n: int) -> list:
+    if len(items) <= n:
+        return list(items)
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, n)]
+
+
+def quantize_ort(
+    pipe, export_dir: Path | None, config: QuantConfig, out: Path, overwrite: bool, parent: dict, say
+) -> Variant:
+    """Export (if needed), calibrate, quantize, guard and write an ONNX Runtime variant to ``out``."""
+    from export.onnx import MANIFEST, export_onnx, hash_files, verify_manifest
+    from export.ort import OrtStableDiffusionPipeline
+    from sdwb.runs import atomic_dir, atomic_write_json
+
+    threads = torch.get_num_threads()
+    with scratch_dir(out) as scratch:
+        if export_dir is None:
+            say("exporting the float model to ONNX")
+            export_dir = Path(scratch) / "float"
+            export_onnx(pipe, export_dir, progress=lambda m: say(f"float export: {m}"))
+            parent = {**parent, "export": None}
+        else:
+            parent = {**parent, "export": str(export_dir.resolve())}
+        del pipe
+        manifest = verify_manifest(export_dir)
+        missing = [c for c in config.components if c not in manifest["components"]]
+        if missing:
+            raise SdwbError(
+                f"components {missing}: not in the export {export_dir} (it has "
+                f"{', '.join(manifest['components'])})"
+            )
+        float_pipe = OrtStableDiffusionPipeline.from_export(export_dir, threads=threads, verify=False)
+        reference = None
+        if config.guard.enabled:
+            say("guard: probe images with the float model")
+            reference = guard_mod.render(float_pipe, config.guard)
+        calib = None
+        if config.method == "ort-int8-static":
+            from compress.calibration import record_trajectories
+
+            say("calibration: recording denoising trajectories")
+            calib = record_trajectories(float_pipe, config.calibration, progress=say)
+        del float_pipe
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            skip = {MANIFEST, "sdwb.json"} | {
+                f for c in config.components for f in _component_files(manifest, c)
+            }
+            copy_export(export_dir, tmp, skip)
+            entries, started = {}, time.perf_counter()
+            for name in config.components:
+                say(f"quantizing {name} ({config.method})")
+                entries[name] = _quantize_component(export_dir, tmp, name, manifest, config, calib)
+            quantize_s = round(time.perf_counter() - started, 3)
+            new_manifest = _manifest(manifest, entries, config, parent, hash_files(tmp))
+            atomic_write_json(tmp / MANIFEST, new_manifest)
+            metrics = {
+                "quantize_seconds": quantize_s,
+                "components": entries,
+                "size_mb": round(sum(e["size_mb"] for e in entries.values()), 3),
+                "parent_size_mb": round(sum(e["float_size_mb"] for e in entries.values()), 3),
+            }
+            if config.guard.enabled:
+                say("guard: probe images with the quantized model")
+                quant_pipe = OrtStableDiffusionPipeline.from_export(tmp, threads=threads, verify=False)
+                metrics["guard"] = guard_mod.check(config.method, reference, quant_pipe, config.guard)
+                del quant_pipe
+            else:
+                metrics["guard"] = "disabled"
+            record = build_record(
+                method=config.method,
+                backend="onnxruntime",
+                config=resolved(config),
+                parent=parent,
+                metrics=metrics,
+                calibration=calib.summary() if calib else None,
+                weights="quantized ONNX graphs",
+                files=hash_tree(tmp),
+            )
+            atomic_write_json(tmp / "sdwb.json", record)
+            new_manifest["files"] = hash_files(tmp)  # now including sdwb.json
+            atomic_write_json(tmp / MANIFEST, new_manifest)
+    return Variant(config.method, "onnxruntime", config, record, out, None, metrics)
+
+
+def _quantize_component(
+    src_dir: Path, dst_dir: Path, name: str, manifest: dict, config: QuantConfig, calib
+) -> dict:
+    from compress.quant_ort import compare_graphs, fp16_file, quantize_dynamic_file, quantize_static_file
+
+    entry = manifest["components"][name]
+    src, dst = src_dir / entry["file"], dst_dir / entry["file"]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    names = [s["name"] for s in entry["inputs"]]
+    if config.method == "ort-int8-dynamic":
+        info = quantize_dynamic_file(src, dst, config)
+    elif config.method == "ort-int8-static":
+        from compress.calibration import calibration_reader
+
+        if not calib.feeds.get(name):
+            raise SdwbError(f"calibration recorded no inputs for {name}")
+        info = quantize_static_file(src, dst, config, calibration_reader(calib, name, names))
+    else:
+        info = fp16_file(src, dst, config)
+    feeds = (
+        _spread(calib.feeds[name], COMPARE_SAMPLES)
+        if calib and calib.feeds.get(name)
+        else _sample_feeds(entry)
+    )
+    feeds = [{k: v for k, v in f.items() if k in names} for f in feeds]
+    error = compare_graphs(src, dst, feeds)
+    if not error["finite"]:
+        raise SdwbError(
+            f"guard: {config.method} {name} graph outputs NaN/inf on recorded inputs; "
+            "refusing to save it, nothing was written"
+        )
+    size = sum(p.stat().st_size for p in dst.parent.iterdir() if p.is_file())
+    float_size = sum(manifest["files"][rel]["size"] for rel in _component_files(manifest, name))
+    return {
+        **info,
+        "size_mb": round(size / MB, 3),
+        "float_size_mb": round(float_size / MB, 3),
+        "shrink": round(float_size / max(size, 1), 3),
+        "error_vs_float": error,
+    }
+
+
+def _manifest(manifest: dict, entries: dict, config: QuantConfig, parent: dict, files: dict) -> dict:
+    out = json.loads(json.dumps(manifest))
+    for name, info in entries.items():
+        out["components"][name]["quantization"] = {"method": config.method, **info}
+        out["components"][name]["external_data"] = None
+    out["quantization"] = {"method": config.method, "components": list(entries), "config": resolved(config)}
+    out["source"] = {**out.get("source", {}), "quantized_from": parent}
+    out["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    out["files"] = files
+    return out

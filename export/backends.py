@@ -1,0 +1,179 @@
+"""Which model each inference backend runs, and opening it: the one place both CLIs ask.
+
+Why one place: ``sdwb generate --backend`` and ``sdwb bench --backend`` must accept and refuse
+the same models with the same one-line errors.
+
+- ``torch``: a model spec (``builtin:NAME``, a diffusers directory, a cached hub id).
+- ``onnxruntime``: an ONNX export directory (``sdwb export onnx``: format ``sdwb-onnx-export``).
+  The benchmark also takes a torch spec and exports it once (:func:`ensure_export`) into a cache
+  directory that is reused while its manifest still verifies, still names the same source
+  content (``source.fingerprint``) and was made with the same library versions.
+- ``tensorrt``: an engine directory (``sdwb export tensorrt``). A GPU and the tensorrt package
+  are checked first, so without them every use fails with the TensorRT runner's one-line reason.
+
+What an export "weighs" (the benchmark's ``size_mb`` / ``params_m`` of exported rows): size on
+disk is the components' graph files (``model.onnx`` + ``model.onnx.data``, or the engine plans),
+not the tokenizer and scheduler; parameters are the elements of the weight initializers of each
+ONNX graph (float, and 8-bit for quantized graphs). The VAE encoder is not exported, so an
+export's ``params_m`` is below its torch row's, which counts the whole VAE; the UNet alone
+(``unet_params_m``) matches the torch UNet to within ~1% (the exporter stores identical tensors,
+e.g. freshly initialised norm weights, once, and adds a few float constants).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from export.onnx import FORMAT as ONNX_FORMAT
+from export.tensorrt import ENGINE_FORMAT
+from sdwb.errors import SdwbError
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")
+MB = 2**20
+
+
+def manifest_format(spec: str | Path) -> str | None:
+    """The ``format`` of ``spec``'s ``manifest.json``, or None when ``spec`` is no such directory."""
+    import json
+
+    path = Path(str(spec)).expanduser() / "manifest.json"
+    if str(spec).startswith("builtin:") or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "unreadable"
+    return data.get("format", "unknown") if isinstance(data, dict) else "unknown"
+
+
+def check_model(backend: str, spec: str | Path, flag: str = "--model") -> Path | None:
+    """The directory ``backend`` runs for ``spec`` (None for torch), or a one-line error.
+
+    ``flag`` names the input in the message (``--model``, ``variant fp32: model``).
+    """
+    if backend not in BACKENDS:
+        raise SdwbError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return None
+    found = manifest_format(spec)
+    if backend == "onnxruntime":
+        if found == ONNX_FORMAT:
+            return Path(str(spec)).expanduser()
+        if found == ENGINE_FORMAT:
+            raise SdwbError(f"{flag} {spec}: a TensorRT engine directory; --backend onnxruntime needs an "
+                            "ONNX export (the --onnx directory those engines were built from)")
+        raise SdwbError(f"{flag} {spec}: not an ONNX export directory (no sdwb manifest.json); run "
+                        f"`sdwb export onnx --model {spec} -o DIR` first, then pass {flag} DIR")
+    from export.tensorrt import require_tensorrt
+
+    require_tensorrt()  # no GPU / no tensorrt: the runner's one-line reason, before anything else
+    if found == ENGINE_FORMAT:
+        return Path(str(spec)).expanduser()
+    if found == ONNX_FORMAT:
+        raise SdwbError(f"{flag} {spec}: an ONNX export, not TensorRT engines; run "
+                        f"`sdwb export tensorrt --onnx {spec} -o DIR` first, then pass {flag} DIR")
+    raise SdwbError(f"{flag} {spec}: not a TensorRT engine directory; run `sdwb export onnx --model {spec} "
+                    f"-o ONNX` and `sdwb export tensorrt --onnx ONNX -o DIR` first, then pass {flag} DIR")
+
+
+def providers_for(device: str) -> list[str] | None:
+    """ONNX Runtime providers for a device: cpu -> CPU only; cuda -> CUDA then CPU; auto -> default."""
+    if device == "cpu":
+        return ["cpu"]
+    if str(device).startswith("cuda"):
+        return ["cuda", "cpu"]
+    return None
+
+
+def open_exported(backend: str, directory: str | Path, *, device: str = "cpu", threads: int | None = None):
+    """An :class:`export.ort.ExportedPipeline` for an export (onnxruntime) or engines (tensorrt).
+
+    ``threads``: ONNX Runtime intra-op threads per session (None: its default, one per core).
+    """
+    if backend == "onnxruntime":
+        from export.ort import OrtStableDiffusionPipeline
+
+        return OrtStableDiffusionPipeline.from_export(directory, providers=providers_for(device),
+                                                      threads=threads)
+    if backend == "tensorrt":
+        from export.tensorrt import TrtRunner
+
+        return TrtRunner.from_engines(directory, device=device if str(device).startswith("cuda") else "cuda")
+    raise SdwbError(f"backend {backend}: not an exported backend (expected {', '.join(EXPORTED_BACKENDS)})")
+
+
+def cached_export_reason(directory: Path, spec: str, max_batch: int) -> str | None:
+    """None when ``directory`` holds a usable export of ``spec``; else why it must be (re)made."""
+    from export.onnx import library_versions, source_fingerprint, verify_manifest
+
+    if not (directory / "manifest.json").is_file():
+        return "no export yet"
+    try:
+        manifest = verify_manifest(directory)
+    except SdwbError as e:
+        return str(e)
+    source = manifest.get("source") or {}
+    if source.get("fingerprint") != source_fingerprint(spec):
+        return f"the source {spec} changed since it was exported"
+    if manifest.get("libraries") != library_versions():
+        return "library versions changed since the export"
+    if int(manifest.get("max_batch", 0)) < max_batch:
+        return f"exported for batch <= {manifest.get('max_batch')}, need {max_batch}"
+    missing = {"text_encoder", "unet", "vae_decoder"} - set(manifest.get("components", {}))
+    if missing:
+        return f"export lacks {', '.join(sorted(missing))}"
+    return None
+
+
+def ensure_export(spec: str, directory: str | Path, *, max_batch: int = 8,
+                  progress=None) -> tuple[Path, bool]:
+    """Export ``spec`` to ``directory`` unless a valid export of it is already there.
+
+    Returns ``(directory, reused)``. The export is validated against PyTorch as always and
+    written atomically (an older export there is replaced only once the new one is complete).
+    """
+    from export.onnx import export_onnx
+
+    directory = Path(directory)
+    if cached_export_reason(directory, spec, max_batch) is None:
+        return directory, True
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(spec, directory, max_batch=max(max_batch, 1), overwrite=True, progress=progress)
+    return directory, False
+
+
+def graph_files(directory: str | Path, manifest: dict) -> list[Path]:
+    """The graph files of every component (model.onnx + external data, or engine plans)."""
+    directory = Path(directory)
+    out = []
+    for entry in manifest.get("components", {}).values():
+        out += [directory / entry[key] for key in ("file", "external_data") if entry.get(key)]
+    return out
+
+
+def exported_size_mb(directory: str | Path, manifest: dict) -> float:
+    """MB (2**20 bytes) of the components' graph files (see the module doc)."""
+    return sum(p.stat().st_size for p in graph_files(directory, manifest)) / MB
+
+
+def onnx_param_counts(directory: str | Path, manifest: dict) -> dict[str, float]:
+    """Millions of weight initializer elements: all components and the UNet alone.
+
+    Weights are float initializers and the 8-bit ones of quantized graphs (QDQ / integer
+    weights); int32/int64 initializers (shapes, indices) are not parameters.
+
+    Reads the graphs without their external data (shapes are in the graph), so it is cheap even
+    for sd15-arch.
+    """
+    import math
+
+    import onnx
+
+    T = onnx.TensorProto
+    weights = {T.FLOAT, T.FLOAT16, T.BFLOAT16, T.DOUBLE, T.INT8, T.UINT8}  # not int32/64 shape data
+    counts = {}
+    for name, entry in manifest.get("components", {}).items():
+        graph = onnx.load(str(Path(directory) / entry["file"]), load_external_data=False).graph
+        counts[name] = sum(math.prod(t.dims) for t in graph.initializer if t.data_type in weights)
+    return {"params_m": sum(counts.values()) / 1e6, "unet_params_m": counts.get("unet", 0) / 1e6}
