@@ -120,7 +120,8 @@ def test_generate_missing_model_is_one_line(tmp_path):
 
 def test_generate_bad_options_fail_before_loading(tmp_path):
     out = str(tmp_path / "o.png")
-    assert_one_line_error(sdwb("generate", "-p", "x", "-o", out, "--backend", "onnxruntime"), "sdwb export onnx")
+    result = sdwb("generate", "-p", "x", "-o", out, "--backend", "onnxruntime")
+    assert_one_line_error(result, "sdwb export onnx")
     assert_one_line_error(sdwb("generate", "-p", "x", "-o", out, "--scheduler", "pndm"), "generate.scheduler")
     assert_one_line_error(sdwb("generate", "-p", "x", "-o", out, "--steps", "0"), "generate.steps")
     assert_one_line_error(sdwb("generate", "-p", "x", "-o", str(tmp_path / "o.txt")), "o.txt")
