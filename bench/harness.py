@@ -25,8 +25,8 @@ pipeline's hooks, and their memory probe opens the exported pipeline in a fresh 
 ``size_mb`` is the graph files and ``params_m`` the ONNX initializers (see
 :mod:`export.backends`); ``unet_gmacs`` is counted on the source torch UNet (same graph).
 Extra columns: ``providers``, ``export_dir``, ``export_reused`` and, for an export made by
-this run, ``export_s`` and ``export_peak_rss_mb`` (this process's peak RSS right after
-exporting, before any model is loaded: imports + export + validation, as ``sdwb export onnx``).
+this run, ``export_s`` and ``export_peak_rss_mb`` (the export runs as ``sdwb export onnx`` in a
+fresh process, so this is that command's peak RSS, and the benchmark never holds its memory).
 
 After every phase the rows so far are saved as ``results.partial.*`` (images under
 ``images.partial/``); an error or Ctrl-C saves them too and re-raises. Only a finished run swaps
@@ -242,11 +242,7 @@ def _prepare(run: _Run, bars: _Bars) -> None:
     todo = [s for s in run.scenarios if s.backend != "torch"]
     if not todo:
         return
-    import time
-
-    from bench.memory_probe import peak_rss_mb
-
-    exported: dict[tuple[str, int], tuple[Path, dict]] = {}  # (spec, max_batch) -> (dir, columns)
+    exported: dict[tuple[str, int], dict] = {}  # (spec, max_batch) -> ensure_export's result
     advance = bars.task("exporting", len(todo))
     for s in todo:
         if _is_export_of(s):
@@ -254,18 +250,14 @@ def _prepare(run: _Run, bars: _Bars) -> None:
         else:
             key = (s.model, max(8, s.batch))
             if key not in exported:
-                started = time.perf_counter()
                 try:
-                    target = run.out / "exports" / s.variant
-                    directory, reused = ensure_export(s.model, target, max_batch=key[1])
+                    exported[key] = ensure_export(s.model, run.out / "exports" / s.variant, max_batch=key[1])
                 except SdwbError as e:
                     raise SdwbError(f"variant {s.variant}: export of {s.model}: {e}") from None
-                columns = {"export_reused": reused}
-                if not reused:  # no model is loaded yet: the process peak is the export's
-                    columns.update(export_s=time.perf_counter() - started, export_peak_rss_mb=peak_rss_mb())
-                exported[key] = directory, columns
-            run.model_dirs[s.variant] = exported[key][0]
-            run.rows[s.variant].update(exported[key][1])
+            result = exported[key]
+            run.model_dirs[s.variant] = result["dir"]
+            run.rows[s.variant].update({f"export_{k}" if k == "reused" else k: v
+                                        for k, v in result.items() if k != "dir"})
         advance()
 
 

@@ -80,7 +80,28 @@ def onnx_command(
                       f"{worst['max_abs']:.2e}", f"{worst['max_rel']:.2e}")
     console.print(table)
     count = len(manifest["components"])
-    typer.echo(f"wrote {output} ({count} components, validated) and {output}/manifest.json")
+    typer.echo(f"wrote {output} ({count} components, validated) and {output}/manifest.json "
+               f"(process peak RSS {peak_rss_mb():.0f} MB)")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size, MB (``VmHWM``; ``ru_maxrss`` where /proc is absent).
+
+    ``VmHWM`` rather than ``ru_maxrss``: Linux carries a parent's high-water mark into a child's
+    ``ru_maxrss`` across fork + exec, which would misreport an export started by a big process.
+    """
+    import resource
+    import sys
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 @export_app.command("tensorrt")

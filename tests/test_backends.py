@@ -168,6 +168,7 @@ def test_sdwb_bench_torch_and_onnxruntime_rows(tiny_pipeline_dir, judge_dir, tmp
     ort = df.loc["ort"]
     assert ort["psnr_vs_baseline"] >= 40.0 and ort["ssim_vs_baseline"] > 0.98
     assert ort["providers"] == "CPUExecutionProvider" and ort["export_dir"] == "exports/ort"
+    assert not ort["export_reused"] and ort["export_s"] > 0 and ort["export_peak_rss_mb"] > 100
     assert ort["peak_rss_mb"] > 0 and ort["unet_gmacs"] > 0 and pd.isna(ort["cuda_peak_mb"])
     assert ort["size_mb"] > 0 and 0 < ort["unet_params_m"] < ort["params_m"]
     assert df.loc["fp32", "unet_params_m"] == pytest.approx(ort["unet_params_m"], rel=0.02)
@@ -185,18 +186,23 @@ def test_bench_exports_once_and_reuses_the_export(tiny_pipeline_dir, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_pipeline_dir, model)
     target = tmp_path / "exports" / "ort"
-    assert ensure_export(str(model), target) == (target, False)
+    made = ensure_export(str(model), target)  # in a fresh process, as `sdwb export onnx`
+    assert made["dir"] == target and made["reused"] is False
+    assert made["export_s"] > 0 and made["export_peak_rss_mb"] > 100
     stamp = (target / "manifest.json").stat().st_mtime_ns
-    assert ensure_export(str(model), target) == (target, True)
+    assert ensure_export(str(model), target) == {"dir": target, "reused": True}
     assert (target / "manifest.json").stat().st_mtime_ns == stamp
     assert "batch <= 8" in cached_export_reason(target, str(model), max_batch=9)
     (model / "README.md").write_text("retrained\n")  # the source's content changes: re-exported
     assert "changed" in cached_export_reason(target, str(model), max_batch=8)
-    assert ensure_export(str(model), target)[1] is False
+    assert ensure_export(str(model), target)["reused"] is False
     (target / "unet" / "model.onnx").write_bytes(b"tampered")  # a modified export is never reused
     assert "unet/model.onnx" in cached_export_reason(target, str(model), max_batch=8)
-    assert ensure_export(str(model), target)[1] is False
+    assert ensure_export(str(model), target)["reused"] is False
     assert cached_export_reason(target, str(model), max_batch=8) is None
+    with pytest.raises(SdwbError, match="model directory not found") as info:  # the child's error line
+        ensure_export(str(tmp_path / "missing"), tmp_path / "exports" / "none")
+    assert "\n" not in str(info.value) and not (tmp_path / "exports" / "none").exists()
 
 
 def _fake_engines(path):
