@@ -6,6 +6,9 @@ before anything is loaded. A config has ``defaults`` (every setting below), a li
 optional ``sweep`` (setting -> list of values) crossed with every variant, so
 ``sweep: {steps: [50, 25]}`` turns variant ``fp32`` into rows ``fp32-steps50`` and ``fp32-steps25``.
 Precedence: defaults < sweep value < variant override (a variant may not override a swept key).
+A setting the ``defaults:`` section (or a command-line flag) leaves unset takes the model's own
+inference default first, if it has one (a distilled variant's steps / scheduler / guidance in
+its ``sdwb.json``, :mod:`sdwb.inference`).
 
 Every model forbids unknown keys and is strictly typed; every problem is one ``SdwbError`` line
 naming the file, the key path (``variants.1.dtype``) and what was expected.
@@ -139,15 +142,19 @@ class BenchConfig(BaseModel):
 
     def scenarios(self) -> list[Scenario]:
         """Expand variants x sweep into resolved scenarios, in declaration order."""
+        from sdwb.inference import for_spec
+
         base = self.defaults.model_dump()
+        explicit = self.defaults.model_fields_set
         keys = list(self.sweep)
         combos = list(itertools.product(*(self.sweep[k] for k in keys))) or [()]
         rows: list[tuple[str, str, dict]] = []
         for v in self.variants:
             overrides = v.model_dump(include=set(v.model_fields_set) - {"name", "model"})
+            own = {k: x for k, x in for_spec(v.model).items() if k not in explicit}
             for combo in combos:
                 suffix = "-".join(f"{k}{_label(x)}" for k, x in zip(keys, combo))
-                settings = {**base, **dict(zip(keys, combo)), **overrides}
+                settings = {**base, **own, **dict(zip(keys, combo)), **overrides}
                 try:
                     Settings.model_validate(settings)
                 except ValidationError as e:

@@ -1,4 +1,4 @@
-"""``sdwb compress quantize`` (a typer sub-app): a model and a method in, a guarded variant out.
+"""``sdwb compress quantize`` / ``prune`` / ``distill`` (a typer sub-app): a model + method in, a variant out.
 
 Why a sub-app here: the compress stage owns its commands; ``sdwb/cli.py`` mounts it with
 ``app.add_typer(compress_app, name="compress")``. Errors are :class:`SdwbError` and reach the
@@ -15,7 +15,7 @@ import typer
 from sdwb.errors import SdwbError
 
 compress_app = typer.Typer(
-    help="Compress a model into a variant: quantize (prune and distill join later).",
+    help="Compress a model into a variant: quantize, prune, distill.",
     no_args_is_help=True,
 )
 
@@ -113,3 +113,138 @@ def quantize_command(
     )
     size = f", {m['size_mb']:.1f} MB" if "size_mb" in m else ""
     typer.echo(f"wrote {output} ({cfg.method}, {backend_of(cfg)}{size}; {guard_text}) and {output}/sdwb.json")
+
+
+@compress_app.command("distill")
+def distill_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Variant directory to create.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Teacher: builtin:NAME, a diffusers dir or a cached hub id.")
+    ] = "builtin:tiny-shapes",
+    method: Annotated[Optional[str], typer.Option(help="progressive (rounds of N -> N/2 steps).")] = None,
+    teacher_steps: Annotated[Optional[int], typer.Option(help="Teacher DDIM steps (default 64).")] = None,
+    student_steps: Annotated[
+        Optional[int], typer.Option(help="Student DDIM steps; teacher/student a power of two (default 4).")
+    ] = None,
+    guidance_distill: Annotated[
+        Optional[bool],
+        typer.Option("--guidance-distill/--no-guidance-distill",
+                     help="Distil classifier-free guidance into the student (then one UNet call per step)."),
+    ] = None,
+    guidance: Annotated[
+        Optional[float], typer.Option(help="CFG scale distilled in, or the student's default (7.5).")
+    ] = None,
+    budget: Annotated[
+        Optional[str], typer.Option(help="Per round: optimizer steps (200) or time (10m, 90s, 1h).")
+    ] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Training batch (default 32).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="configs/distill/*.yaml.")] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. lr=0.0002."),
+    ] = None,
+    work_dir: Annotated[
+        Optional[Path], typer.Option(help="Resumable state (default OUTPUT.work; removed on success).")
+    ] = None,
+    keep_work: Annotated[bool, typer.Option(help="Keep the work directory after success.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists (only on success).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Step-distil a model: progressive distillation (N -> N/2 per round), optionally guidance-distilled.
+
+    Resumable: re-run the same command after an interruption and it continues from the last
+    checkpoint. The student is a diffusers directory + sdwb.json whose inference defaults (steps,
+    ddim, guidance) `sdwb generate` and `sdwb bench` use when not told otherwise.
+    """
+    from compress.distill import distill
+    from compress.distill_config import load_distill_config
+
+    flags = {"method": method, "teacher_steps": teacher_steps, "student_steps": student_steps,
+             "guidance_distill": guidance_distill, "guidance": guidance, "budget": budget, "batch": batch}
+    cfg = load_distill_config(config, set_, **flags)
+    if output.exists() and not overwrite:
+        raise SdwbError(f"{output}: already exists (refusing to overwrite a finished variant; --overwrite)")
+    _quiet_libraries(cfg.method)
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    result = distill(model, cfg, output, work_dir=work_dir, overwrite=overwrite, keep_work=keep_work,
+                     progress=progress, say=lambda m: console.print(f"[dim]{m}[/]") if progress else None)
+    inf = result.record["inference"]
+    losses = ", ".join(f"{r['teacher_steps']}->{r['student_steps']}: loss {r['loss_first']:.4g}->"
+                       f"{r['loss_last']:.4g}" for r in result.rounds if r.get("loss_last") is not None)
+    typer.echo(f"wrote {output} ({cfg.method} {cfg.teacher_steps} -> {cfg.student_steps} steps"
+               f"{', guidance distilled at %g' % cfg.guidance if cfg.guidance_distill else ''}; {losses}) "
+               f"and {output}/sdwb.json; it generates with {inf['steps']} {inf['scheduler']} steps, "
+               f"guidance {inf['guidance']:g} by default")
+
+
+def _names(text: Optional[str]) -> Optional[list[str]]:
+    return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
+
+
+@compress_app.command("prune")
+def prune_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Variant directory to create.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="builtin:NAME, a diffusers dir or a cached hub id.")
+    ] = "builtin:tiny-shapes",
+    ratio: Annotated[
+        Optional[float], typer.Option(help="channels: fraction of channels and heads removed, in (0, 1).")
+    ] = None,
+    importance: Annotated[Optional[str], typer.Option(help="channels: magnitude | taylor.")] = None,
+    method: Annotated[
+        Optional[str], typer.Option(help="channels (torch-pruning groups + heads) | blocks (BK-SDM style).")
+    ] = None,
+    finetune_steps: Annotated[
+        Optional[int], typer.Option(help="Recovery steps of distillation from the unpruned UNet (0).")
+    ] = None,
+    ignored_layers: Annotated[
+        Optional[str], typer.Option(help="channels: comma list of module names/globs kept at full width.")
+    ] = None,
+    blocks: Annotated[
+        Optional[str], typer.Option(help="blocks: comma list of blocks to remove (names/globs).")
+    ] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="configs/prune/*.yaml.")] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key: finetune.lr=1e-4."),
+    ] = None,
+    work_dir: Annotated[
+        Optional[Path], typer.Option(help="Resumable state (default OUTPUT.work; removed on success).")
+    ] = None,
+    keep_work: Annotated[bool, typer.Option(help="Keep the work directory after success.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists (only on success).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Prune the UNet (channels or blocks), optionally recover by distillation; write the variant + sdwb.json.
+
+    The variant is a diffusers directory whose sdwb.json records the pruned architecture; it loads
+    with `sdwb generate --model DIR`, `sdwb bench` and `sdwb export onnx --model DIR`. Recovery is
+    resumable: re-run the same command after an interruption.
+    """
+    from compress.prune import prune
+    from compress.prune_config import load_prune_config
+
+    flags = {"method": method, "ratio": ratio, "importance": importance, "finetune.steps": finetune_steps,
+             "ignored_layers": _names(ignored_layers), "blocks": _names(blocks)}
+    cfg = load_prune_config(config, set_, **flags)
+    if output.exists() and not overwrite:
+        raise SdwbError(f"{output}: already exists (refusing to overwrite a finished variant; --overwrite)")
+    _quiet_libraries("prune")
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    result = prune(model, cfg, output, work_dir=work_dir, keep_work=keep_work, overwrite=overwrite,
+                   progress=progress, say=lambda m: console.print(f"[dim]{m}[/]") if progress else None)
+    m = result.metrics
+    macs, params = m["unet_gmacs"], m["unet_params_m"]
+    what = f"ratio {cfg.ratio:g}, {cfg.importance}" if cfg.method == "channels" else \
+        f"{len(m['pruned']['removed'])} blocks removed"
+    recovery = m.get("recovery")
+    recovered = "" if not recovery else (
+        f"; recovery {recovery['steps']} steps: distillation MSE {recovery['distill_mse_before']:.4g} -> "
+        f"{recovery['distill_mse_after']:.4g}")
+    typer.echo(f"wrote {output} ({cfg.method}: {what}; UNet {macs['before']:.4g} -> {macs['after']:.4g} "
+               f"GMACs (-{macs['reduction']:.0%}), {params['before']:.3g} -> {params['after']:.3g} M params"
+               f"{recovered}) and {output}/sdwb.json")

@@ -113,10 +113,10 @@ def verify_files(directory: Path, record: dict) -> None:
         if path.stat().st_size != meta["size"]:
             raise SdwbError(
                 f"{path}: {path.stat().st_size} bytes, {RECORD} says {meta['size']} (truncated or "
-                "modified after quantization)"
+                "modified after the variant was written)"
             )
         if sha256_file(path) != meta["sha256"]:
-            raise SdwbError(f"{path}: sha256 differs from {directory / RECORD} (modified after quantization)")
+            raise SdwbError(f"{path}: sha256 differs from {directory / RECORD} (modified since it was made)")
 
 
 def is_quantized(record: dict | None) -> bool:

@@ -155,7 +155,8 @@ GENERATE_HELP = (
     "grid (one row per prompt, one column per image of that prompt) and every image is also written "
     "beside it as STEM-NNN.SUFFIX. Image k (prompt-major order) is seeded with seed + k. "
     "STEM.json beside OUTPUT records the resolved recipe, the prompts, seeds and files.\n\n"
-    "Precedence: flags, then --set, then the --config file, then the defaults."
+    "Precedence: flags, then --set, then the --config file, then the model's own inference defaults "
+    "(steps, scheduler, guidance of a distilled variant's sdwb.json), then the defaults."
 )
 
 
@@ -166,10 +167,16 @@ def generate(
     model: Annotated[
         Optional[str], typer.Option("--model", "-m", help="builtin:NAME, a directory, or a cached hub id.")
     ] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default 30).")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (default 7.5).")] = None,
+    steps: Annotated[
+        Optional[int], typer.Option(help="Denoising steps (default: the model's, else 30).")
+    ] = None,
+    guidance: Annotated[
+        Optional[float], typer.Option(help="Guidance scale (default: the model's, else 7.5).")
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of image 0; image k uses seed+k.")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="ddim | euler | dpmpp (default ddim).")] = None,
+    scheduler: Annotated[
+        Optional[str], typer.Option(help="ddim | euler | dpmpp (default: the model's, else ddim).")
+    ] = None,
     batch: Annotated[Optional[int], typer.Option(help="Images per prompt (default 1).")] = None,
     height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: model's).")] = None,
     width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: model's).")] = None,
@@ -197,6 +204,12 @@ def generate(
     for key, value in flags.items():
         if value is not None:
             (data if key == "model" else data["generate"])[key] = value
+    from sdwb.inference import for_spec
+
+    given = recipe.generate.model_fields_set | {k for k, v in flags.items() if v is not None}
+    for key, value in for_spec(data["model"]).items():  # a distilled model's own steps/sampler/guidance
+        if key not in given:
+            data["generate"][key] = value
     recipe = recipe_from_dict(data, "command line")
     g = recipe.generate
     output = check_writable_file(output, IMAGE_SUFFIXES)

@@ -50,10 +50,10 @@ def generate(
     pipe,
     prompts: list[str],
     *,
-    steps: int = 30,
-    guidance: float = 7.5,
+    steps: int | None = None,
+    guidance: float | None = None,
     seed: int = 0,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     batch: int = 1,
     height: int | None = None,
     width: int | None = None,
@@ -61,11 +61,17 @@ def generate(
 ) -> list:
     """One PIL image per prompt, in chunks of ``batch``; image ``i`` is seeded with ``seed + i``.
 
-    The pipeline's scheduler is swapped for ``scheduler`` for this call only. Raises
+    The pipeline's scheduler is swapped for ``scheduler`` for this call only. ``steps``,
+    ``guidance`` and ``scheduler`` left at None take the model's own defaults (a distilled
+    variant's ``sdwb.json``, see :mod:`sdwb.inference`), else 30 / 7.5 / ddim. Raises
     :class:`SdwbError` on bad arguments or when an output holds NaN/inf.
     """
     from PIL import Image
 
+    from sdwb.inference import resolve
+
+    chosen = resolve(pipe, steps=steps, guidance=guidance, scheduler=scheduler)
+    steps, guidance, scheduler = chosen["steps"], chosen["guidance"], chosen["scheduler"]
     prompts = list(prompts)
     if steps < 1 or batch < 1:
         raise SdwbError(f"steps and batch must be >= 1 (got steps={steps}, batch={batch})")

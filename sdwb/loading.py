@@ -149,11 +149,13 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.flo
     path = resolve_spec(spec, "pipeline")
     _check_pipeline_layout(path)
     _check_weights(path)
+    components = _pruned_components(path)  # a pruned variant's UNet, rebuilt from its sdwb.json
     from diffusers import StableDiffusionPipeline
 
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            path, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True
+            path, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True,
+            **components,
         )
     except Exception as exc:
         raise SdwbError(
@@ -163,12 +165,32 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.flo
         module = getattr(pipe, name)
         _cast(module, dtype)
         module.eval().requires_grad_(False)
+    from sdwb.inference import attach, for_spec
+
+    attach(pipe, for_spec(str(path)))  # a distilled variant's steps / sampler / guidance
     record = _quantized_record(path)
     if record is not None:
         return _requantize(pipe, path, record, device, dtype)
     if device != "cpu":
         pipe = pipe.to(device)
     return pipe
+
+
+def _pruned_components(path: Path) -> dict:
+    """``{"unet": ...}`` for a pruned variant (or one made from it): its files checked against the
+    record, the UNet rebuilt from the recorded architecture (diffusers' config alone cannot express
+    pruned widths); ``{}`` for anything else."""
+    if not (path / "sdwb.json").is_file():
+        return {}
+    from compress.prune_arch import find_architecture, load_unet
+    from compress.variants import read_record, verify_files
+
+    record = read_record(path)
+    architecture = find_architecture(record)
+    if architecture is None:
+        return {}
+    verify_files(path, record)
+    return {"unet": load_unet(path / "unet", architecture)}
 
 
 def _quantized_record(path: Path) -> dict | None:

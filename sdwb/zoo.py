@@ -2,7 +2,9 @@
 
 Why: ``builtin:<name>`` is how recipes and the CLI name the project's own models. Two are
 trained by the project and shipped under ``sdwb/assets/`` (absent until ``sdwb baseline train``
-has produced them); ``sd15-arch`` is SD 1.5's architecture built in code (:mod:`sdwb.sd15`).
+has produced them), ``tiny-shapes-4step`` is distilled from tiny-shapes by ``sdwb compress
+distill`` (absent until that has run); ``sd15-arch`` is SD 1.5's architecture built in code
+(:mod:`sdwb.sd15`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
 TRAIN_COMMAND = "sdwb baseline train"
+DISTILL_COMMAND = (
+    "sdwb compress distill -c configs/distill/distill4.yaml --model builtin:tiny-shapes "
+    "-o sdwb/assets/tiny-shapes-4step"
+)
 
 
 def assets_dir() -> Path:
@@ -28,6 +34,7 @@ class BuiltinModel:
     quality_metrics: bool
     kind: str
     asset: str | None  # sub-directory of assets_dir(); None: built in code
+    produced_by: str = TRAIN_COMMAND  # the command that makes a shipped model (named when missing)
 
     @property
     def path(self) -> Path | None:
@@ -69,6 +76,16 @@ _MODELS = (
         asset="shapes-judge",
     ),
     BuiltinModel(
+        name="builtin:tiny-shapes-4step",
+        description="tiny-shapes step-distilled to 4 DDIM steps with classifier-free guidance "
+        "distilled in (progressive + guidance distillation, configs/distill/distill4.yaml): one UNet "
+        "call per step; its sdwb.json sets 4 steps, ddim, guidance 1.0",
+        quality_metrics=True,
+        kind="pipeline",
+        asset="tiny-shapes-4step",
+        produced_by=DISTILL_COMMAND,
+    ),
+    BuiltinModel(
         name="builtin:sd15-arch",
         description="Stable Diffusion 1.5's real architecture (UNet 859.5 M params, 512x512) with "
         "seeded random weights: full-scale latency, memory and export; no meaningful images",
@@ -100,5 +117,5 @@ def missing_message(model: BuiltinModel) -> str:
     """The one-line error for a shipped model whose directory is not there yet."""
     return (
         f"{model.name} has not been trained/shipped yet: no {model.marker} in {model.path} "
-        f"(run `{TRAIN_COMMAND}` to produce it)"
+        f"(run `{model.produced_by}` to produce it)"
     )

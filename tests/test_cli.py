@@ -14,7 +14,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "configs" / "recipes" / "baseline.yaml"
-BUILTINS = ("builtin:tiny-shapes", "builtin:shapes-judge", "builtin:sd15-arch")
+BUILTINS = ("builtin:tiny-shapes", "builtin:shapes-judge", "builtin:sd15-arch", "builtin:tiny-shapes-4step")
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +54,7 @@ def test_help_and_version():
     assert result.returncode == 0 and result.stdout.startswith("sdwb 0.")
 
 
-def test_models_lists_the_three_builtins():
+def test_models_lists_the_builtins():
     result = sdwb("models")
     assert result.returncode == 0, result.stderr
     for name in BUILTINS:

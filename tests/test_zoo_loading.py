@@ -57,14 +57,18 @@ def test_sd15_meta_pipeline_has_sd15_shapes():
     assert pipe.safety_checker is None
 
 
-def test_zoo_lists_three_builtins():
+def test_zoo_lists_the_builtins():
     models = {m.name: m for m in zoo.list_models()}
-    assert set(models) == {"builtin:tiny-shapes", "builtin:shapes-judge", "builtin:sd15-arch"}
+    assert set(models) == {"builtin:tiny-shapes", "builtin:shapes-judge", "builtin:sd15-arch",
+                           "builtin:tiny-shapes-4step"}
     sd15 = models["builtin:sd15-arch"]
     assert sd15.available() and not sd15.quality_metrics and sd15.location == "built in code"
     tiny = models["builtin:tiny-shapes"]
     assert tiny.quality_metrics and tiny.location == str(zoo.assets_dir() / "tiny-shapes")
     assert tiny.available() == (zoo.assets_dir() / "tiny-shapes" / "model_index.json").is_file()
+    four = models["builtin:tiny-shapes-4step"]
+    assert four.kind == "pipeline" and four.location == str(zoo.assets_dir() / "tiny-shapes-4step")
+    assert four.available() == (zoo.assets_dir() / "tiny-shapes-4step" / "model_index.json").is_file()
 
 
 def test_unshipped_builtins_raise_with_train_hint(monkeypatch, tmp_path):

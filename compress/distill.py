@@ -1,0 +1,533 @@
+"""``distill(source, config, out)``: teacher -> student step distillation, saved as a variant.
+
+Progressive distillation (Salimans & Ho 2022): rounds of N -> N/2 DDIM steps; in each round a
+student initialised from its teacher learns to take in one step what the teacher takes in two
+(:mod:`compress.ddim_targets` has the grid and the target), and then teaches the next round,
+down to ``student_steps``. With ``guidance_distill`` (Meng et al. 2023) round 1's teacher runs
+classifier-free guidance (``uncond + w (cond - uncond)``, one 2B UNet call per step) while the
+student sees only the prompt, so the student samples with guidance 1.0: one UNet call of batch
+B per step. Without it, prompts are dropped at ``caption_dropout`` so the student keeps its
+unconditional branch and is sampled with CFG at ``guidance``.
+
+Only the UNet trains; the VAE and text encoder are the source's, frozen. Data: the shapes train
+stream encoded once by the model's own VAE into a latent pool (posterior mean and std, a fresh
+draw each step), captions tokenized as ``StableDiffusionPipeline`` does. Every random draw is a
+function of (seed, round, step), so a killed run resumes exactly: each round checkpoints to
+``WORK/round-R/checkpoint`` (safetensors weights + EMA, optimizer, step, elapsed time) and a
+finished round leaves ``student.safetensors``, which later runs reuse. ``WORK`` (default
+``OUT.work``) is checked against the resolved config and the source's content before reuse and
+removed when the variant has been written.
+
+The variant (``atomic_dir(out)``): the diffusers pipeline with the student UNet and a DDIM
+scheduler with ``timestep_spacing: trailing`` (the training grid), and ``sdwb.json`` with
+``stage: distill``, the resolved config, per-round losses and ``inference: {steps, scheduler,
+guidance}``, which ``sdwb generate`` and the benchmark use when not told otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from compress.ddim_targets import (
+    Grid,
+    check_nested,
+    ddim_grid,
+    ddim_step,
+    loss_weight,
+    split,
+    student_scheduler_config,
+    student_target,
+)
+from compress.distill_config import DistillConfig, resolved
+from sdwb.errors import SdwbError
+
+RUN_FILE = "run.json"
+STUDENT_FILE = "student.safetensors"
+POOL_FILE = "latent_pool.safetensors"
+
+
+@dataclass
+class Distilled:
+    """A distilled model: the pipeline (student UNet, trailing DDIM), its record, where it was saved."""
+
+    config: DistillConfig
+    pipeline: object
+    record: dict
+    path: Path | None = None
+    rounds: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one round needs besides the models: grids, guidance, parameterisation, loss weighting."""
+
+    teacher: Grid
+    student: Grid
+    guidance: float  # > 1: the teacher runs classifier-free guidance at this scale
+    prediction_type: str
+    weighting: str
+    precision: str = "fp32"
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def _unet(unet, z, t, context, precision: str) -> torch.Tensor:
+    from sdwb.train.common import autocast
+
+    with autocast(z.device, precision):
+        return unet(z, t, encoder_hidden_states=context).sample.float()
+
+
+@torch.no_grad()
+def teacher_prediction(teacher, z, t, cond, uncond, guidance: float, precision: str = "fp32"):
+    """The teacher's output at ``t``: conditional, or guided ``uncond + w (cond - uncond)`` (one 2B call)."""
+    if guidance <= 1.0 or uncond is None:
+        return _unet(teacher, z, t, cond, precision)
+    both = _unet(teacher, torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond, cond]), precision)
+    u, c = both.chunk(2)
+    return u + guidance * (c - u)
+
+
+@torch.no_grad()
+def teacher_two_steps(teacher, z_t, j, cond, uncond, plan: RoundPlan) -> torch.Tensor:
+    """Two teacher DDIM steps from student grid point ``j`` (per sample): teacher points 2j, 2j+1."""
+    tg = plan.teacher
+    i0, i1 = 2 * j, 2 * j + 1
+    pred = teacher_prediction(teacher, z_t, tg.timesteps[i0].to(z_t.device), cond, uncond, plan.guidance,
+                              plan.precision)
+    z_mid = ddim_step(pred, z_t, tg.alpha_bar[i0], tg.alpha_bar_prev[i0], plan.prediction_type)
+    pred = teacher_prediction(teacher, z_mid, tg.timesteps[i1].to(z_t.device), cond, uncond, plan.guidance,
+                              plan.precision)
+    return ddim_step(pred, z_mid, tg.alpha_bar[i1], tg.alpha_bar_prev[i1], plan.prediction_type)
+
+
+def round_loss(student, teacher, x0, noise, j, cond, uncond, plan: RoundPlan):
+    """``(loss, per-sample x-space error)`` of one batch: Algorithm 2 of Salimans & Ho.
+
+    ``x0`` clean (scaled) latents, ``noise`` their epsilon, ``j`` student grid indices,
+    ``cond``/``uncond`` text embeddings (``uncond`` only used by a guided teacher).
+    """
+    sg = plan.student
+    abar_t = sg.alpha_bar[j]
+    a = abar_t.to(x0.device).reshape(-1, 1, 1, 1)
+    z_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    t = sg.timesteps[j].to(x0.device)
+    z_target = teacher_two_steps(teacher, z_t, j, cond, uncond, plan)
+    x0_target, _ = student_target(z_t, z_target, abar_t, sg.alpha_bar_prev[j], plan.prediction_type)
+    pred = _unet(student, z_t, t, cond, plan.precision)
+    x0_pred, _ = split(pred, z_t, abar_t, plan.prediction_type)
+    per_sample = (x0_pred - x0_target).pow(2).mean(dim=(1, 2, 3))
+    weights = loss_weight(abar_t, plan.weighting).to(per_sample.device)
+    return (weights * per_sample).mean(), per_sample.detach()
+
+
+# --------------------------------------------------------------------------- data
+
+
+@torch.no_grad()
+def latent_pool(pipe, count: int, path: Path | None = None, progress: bool = False) -> dict:
+    """The first ``count`` train-stream images encoded by ``pipe.vae`` (posterior mean, std) and their
+    captions' token ids; cached at ``path`` (safetensors) when given."""
+    import numpy as np
+    from rich.progress import track
+    from safetensors.torch import load_file, save_file
+
+    from sdwb import shapes
+    from sdwb.train.unet import tokenize
+    from sdwb.train.vae import images_to_vae_input
+
+    if path is not None and path.is_file():
+        pool = load_file(path)
+        if len(pool["mean"]) == count:
+            return pool
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    means, stds, ids = [], [], []
+    chunk = 128
+    for start in track(range(0, count, chunk), description="latent pool", disable=not progress,
+                       transient=True):
+        samples = [shapes.sample_from_seed(shapes.TRAIN_SEED_BASE + start + i)
+                   for i in range(min(chunk, count - start))]
+        x = images_to_vae_input(np.stack([s.render() for s in samples]))
+        if x.shape[-1] != side:  # a model whose native size is not the data set's 64 px
+            x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
+        dist = pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+        ids.append(tokenize([s.caption for s in samples], pipe.tokenizer))
+    pool = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
+            "input_ids": torch.cat(ids).contiguous()}
+    if path is not None:
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(pool, tmp)
+        os.replace(tmp, path)
+    return pool
+
+
+# --------------------------------------------------------------------------- source and work dir
+
+
+def _load_source(source) -> tuple[object, dict, str | None]:
+    """(fp32 CPU pipeline, parent record, fingerprint of the source files or None)."""
+    if not isinstance(source, (str, Path)):
+        return copy.deepcopy(source), {"spec": None, "class": type(source).__name__}, None
+    from compress.variants import read_record
+    from sdwb.loading import load_pipeline, resolve_spec
+
+    spec = str(source)
+    path = resolve_spec(spec, "pipeline")
+    record = read_record(path) if path is not None and path.is_dir() else None
+    if record and record.get("stage") == "quantize":
+        raise SdwbError(f"{spec}: a quantized variant ({record.get('method')}); distill its float parent "
+                        f"({record.get('parent', {}).get('spec')}) and quantize the student")
+    if path is not None and (path / "manifest.json").is_file() and not (path / "model_index.json").exists():
+        raise SdwbError(f"{spec}: an ONNX export; distillation trains a torch UNet: give the diffusers "
+                        "pipeline or builtin model it was exported from")
+    pipe = load_pipeline(spec, device="cpu", dtype=torch.float32)
+    parent = {"spec": spec, "path": str(Path(path).resolve()) if path else None, "variant": record}
+    fingerprint = None
+    if path is not None:
+        from export.onnx import source_fingerprint
+
+        fingerprint = source_fingerprint(spec)
+    return pipe, parent, fingerprint
+
+
+def _absorbed_guidance(config: DistillConfig, parent: dict) -> float | None:
+    """The guidance scale already distilled into a distilled source (None if not); a distilled
+    source must be distilled further from its own step count, and guidance only once."""
+    record = parent.get("variant") or {}
+    if record.get("stage") != "distill":
+        return None
+    known = record.get("inference") or {}
+    if known.get("steps") and known["steps"] != config.teacher_steps:
+        raise SdwbError(f"{parent['spec']}: a {known['steps']}-step student; distil it further with "
+                        f"--teacher-steps {known['steps']} (got {config.teacher_steps})")
+    absorbed = known.get("guidance_distilled")
+    if config.guidance_distill and absorbed:
+        raise SdwbError(f"{parent['spec']}: guidance {absorbed:g} is already distilled into it; use "
+                        "--no-guidance-distill (its students keep guidance 1.0)")
+    return absorbed
+
+
+def _prepare_work(work: Path, config: DistillConfig, fingerprint: str | None) -> None:
+    """Create ``work`` or check that it holds a run of this exact config and source."""
+    from sdwb.runs import atomic_write_json
+
+    identity = {"config": resolved(config), "source": fingerprint}
+    run_file = work / RUN_FILE
+    if run_file.is_file():
+        try:
+            found = json.loads(run_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise SdwbError(f"corrupt {run_file}: {exc} (delete {work} to start over)") from None
+        if found != identity:
+            what = "config" if found.get("config") != identity["config"] else "source model"
+            raise SdwbError(f"{work}: holds a distillation run with another {what}; give the same settings "
+                            f"to resume it, or delete {work} (or pass another --work-dir) to start over")
+        return
+    if work.exists() and any(work.iterdir()):
+        raise SdwbError(f"{work}: exists and is not a distillation work directory (no {RUN_FILE})")
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_file, identity)
+
+
+# --------------------------------------------------------------------------- training a round
+
+
+def _lr_factor(config: DistillConfig, step: int, fraction: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``lr_floor`` over the budget."""
+    warm = min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
+    floor = config.lr_floor
+    return warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, fraction)))))
+
+
+@contextlib.contextmanager
+def _bar(enabled: bool, name: str, total: float, completed: float, unit: str):
+    if not enabled:
+        yield lambda **_: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} "
+               + unit), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns) as progress:
+        task = progress.add_task(name, total=total, completed=completed, info="resumed" if completed else "")
+        yield lambda **kw: progress.update(task, **kw)
+
+
+class _Round:
+    """One round's training state; :meth:`step` is one optimizer step (resumable by ``step``)."""
+
+    def __init__(self, index, config, plan, teacher, student, text_encoder, pool, empty_ids, scaling,
+                 accelerator, drop_captions: bool):
+        self.index, self.config, self.plan, self.drop_captions = index, config, plan, drop_captions
+        self.teacher, self.student, self.text_encoder = teacher, student, text_encoder
+        self.pool, self.empty_ids, self.scaling = pool, empty_ids, scaling
+        self.accelerator = accelerator
+        self.optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        from sdwb.train.common import EMA
+
+        self.ema = EMA(student, config.ema_decay) if config.ema_decay else None
+        self.model, self.optimizer = accelerator.prepare(student, self.optimizer)
+
+    @torch.no_grad()
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(ids.to(self.accelerator.device))[0].float()
+
+    def batch(self, step: int):
+        """(x0, noise, j, cond, uncond) of ``step``: a function of (seed, round, step, rank) only."""
+        from sdwb.train.common import step_generator
+
+        cfg, acc = self.config, self.accelerator
+        gen = step_generator(cfg.seed, step * acc.num_processes + acc.process_index, stream=1000 + self.index)
+        n = len(self.pool["mean"])
+        idx = torch.randint(0, n, (cfg.batch,), generator=gen)
+        mean, std = self.pool["mean"][idx], self.pool["std"][idx]
+        x0 = (mean + std * torch.randn(mean.shape, generator=gen)) * self.scaling
+        ids = self.pool["input_ids"][idx].clone()
+        drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
+        if self.drop_captions:  # a student sampled with CFG keeps its unconditional branch
+            ids[drop] = self.empty_ids
+        j = torch.randint(0, self.plan.student.steps, (cfg.batch,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        device = acc.device
+        cond = self._embed(ids)
+        uncond = self._embed(self.empty_ids[None]).expand_as(cond) if self.plan.guidance > 1.0 else None
+        return x0.to(device), noise.to(device), j, cond, uncond
+
+    def step(self, step: int, lr_factor: float) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * lr_factor
+        x0, noise, j, cond, uncond = self.batch(step)
+        loss, per_sample = round_loss(self.model, self.teacher, x0, noise, j, cond, uncond, self.plan)
+        self.accelerator.backward(loss)
+        self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.student, step)
+        return {"loss": loss.item(), "x0_mse": per_sample.mean().item()}
+
+
+def _train_round(rnd: _Round, directory: Path, log_path: Path, progress: bool) -> dict:
+    """Run ``rnd`` within the budget from its last checkpoint; returns the round's metrics."""
+    from sdwb.train.common import Checkpointer
+
+    cfg = rnd.config
+    kind, amount = cfg.budget_kind
+    ckpt = Checkpointer(directory / "checkpoint", {"unet": rnd.student}, rnd.optimizer, ema=rnd.ema)
+    step = ckpt.load()
+    state = {"elapsed_s": 0.0, "loss_first": None}
+    if step:
+        saved = json.loads((directory / "checkpoint" / "progress.json").read_text())
+        state.update({k: saved[k] for k in state if k in saved})
+    losses: list[float] = []
+    started = time.monotonic() - state["elapsed_s"]
+    name = f"round {rnd.index + 1}: {rnd.plan.teacher.steps}->{rnd.plan.student.steps} steps"
+    unit = "steps" if kind == "steps" else "s"
+    window = max(1, min(10, int(amount) // 4)) if kind == "steps" else 10  # losses averaged at each end
+
+    def elapsed() -> float:
+        return time.monotonic() - started
+
+    def save() -> None:
+        state["elapsed_s"] = round(elapsed(), 3)
+        ckpt.extra = dict(state)
+        if rnd.accelerator.is_main_process:
+            ckpt.save(step)
+
+    with _bar(progress, name, amount, step if kind == "steps" else state["elapsed_s"], unit) as update, \
+            open(log_path, "a") as log:
+        while (step < amount) if kind == "steps" else (elapsed() < amount or step == 0):
+            fraction = step / amount if kind == "steps" else elapsed() / amount
+            metrics = rnd.step(step, _lr_factor(cfg, step, fraction))
+            losses.append(metrics["loss"])
+            if state["loss_first"] is None and len(losses) == window:
+                state["loss_first"] = sum(losses) / window
+            step += 1
+            if step % 10 == 0 or step == 1:
+                log.write(json.dumps({"round": rnd.index + 1, "step": step, "time_s": round(elapsed(), 2),
+                                      **{k: round(v, 6) for k, v in metrics.items()}}) + "\n")
+                log.flush()
+            update(completed=step if kind == "steps" else min(elapsed(), amount),
+                   info=f"step {step} loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
+            if step % cfg.checkpoint_every == 0:
+                save()
+        save()
+    if state["loss_first"] is None and losses:  # a time budget that allowed fewer than 10 steps
+        window = max(1, len(losses) // 2)
+        state["loss_first"] = sum(losses[:window]) / window
+    tail = losses[-window:]
+    return {"teacher_steps": rnd.plan.teacher.steps, "student_steps": rnd.plan.student.steps,
+            "optimizer_steps": step, "seconds": state["elapsed_s"],
+            "guidance_teacher": rnd.plan.guidance if rnd.plan.guidance > 1.0 else None,
+            "loss_first": state["loss_first"], "loss_last": sum(tail) / len(tail) if tail else None}
+
+
+def _save_state(module: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the verb
+
+
+def inference_defaults(config: DistillConfig, absorbed: float | None = None) -> dict:
+    """What the student is sampled with (recorded as ``sdwb.json`` ``inference``); ``absorbed``:
+    the guidance scale its (distilled) source already had distilled in."""
+    distilled = config.guidance if config.guidance_distill else absorbed
+    guidance = 1.0 if distilled else config.guidance
+    return {
+        "steps": config.student_steps,
+        "scheduler": "ddim",
+        "guidance": guidance,
+        "eta": 0.0,
+        "timestep_spacing": "trailing",
+        "guidance_distilled": distilled,
+        "unet_calls_per_step": 1,
+        "unet_batch_per_image": 2 if guidance > 1.0 else 1,
+    }
+
+
+def distill(
+    source,
+    config: DistillConfig,
+    out: str | Path | None = None,
+    *,
+    work_dir: str | Path | None = None,
+    overwrite: bool = False,
+    keep_work: bool = False,
+    progress: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> Distilled:
+    """Distil ``source`` (spec or pipeline) per ``config``; write the variant to ``out`` when given.
+
+    ``work_dir`` (default ``OUT.work``; required without ``out``) holds the resumable state.
+    """
+    say = say or (lambda _msg: None)
+    if out is None and work_dir is None:
+        raise SdwbError("distill: give an output directory or a work directory")
+    out = Path(out) if out is not None else None
+    if out is not None and out.exists() and not overwrite:
+        raise SdwbError(f"{out}: already exists (refusing to overwrite a finished variant; --overwrite)")
+    work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
+    say("loading the teacher")
+    pipe, parent, fingerprint = _load_source(source)
+    absorbed = _absorbed_guidance(config, parent)
+    if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
+        raise SdwbError("the UNet has time_cond_proj_dim (a guidance-embedding student): not supported")
+    sched_config = student_scheduler_config(pipe.scheduler.config)
+    plans = []
+    for r, (n_teacher, n_student) in enumerate(config.round_steps()):
+        teacher_grid, student_grid = ddim_grid(sched_config, n_teacher), ddim_grid(sched_config, n_student)
+        check_nested(teacher_grid, student_grid)
+        plans.append(RoundPlan(teacher_grid, student_grid,
+                               config.guidance if config.guidance_distill and r == 0 else 1.0,
+                               sched_config["prediction_type"], config.weighting, config.precision))
+    _prepare_work(work, config, fingerprint)
+
+    from sdwb.train.common import make_accelerator
+    from sdwb.train.unet import tokenize
+
+    accelerator = make_accelerator()
+    device = accelerator.device
+    say("encoding the latent pool")
+    pool = latent_pool(pipe, config.latent_pool, work / POOL_FILE, progress=progress)
+    text_encoder = pipe.text_encoder.to(device).eval().requires_grad_(False)
+    empty_ids = tokenize([""], pipe.tokenizer)[0]
+    scaling = pipe.vae.config.scaling_factor
+    current = pipe.unet.to(device)
+    rounds = []
+    started = time.perf_counter()
+    for r, plan in enumerate(plans):
+        directory = work / f"round-{r + 1}-{plan.teacher.steps}to{plan.student.steps}"
+        directory.mkdir(parents=True, exist_ok=True)
+        student = copy.deepcopy(current).train().requires_grad_(True)
+        done = directory / STUDENT_FILE
+        if done.is_file():
+            from safetensors.torch import load_file
+
+            student.load_state_dict(load_file(done))
+            metrics = json.loads((directory / "round.json").read_text())
+            say(f"round {r + 1}: reusing {done}")
+        else:
+            teacher = current.eval().requires_grad_(False)
+            rnd = _Round(r, config, plan, teacher, student, text_encoder, pool, empty_ids, scaling,
+                         accelerator, drop_captions=not (config.guidance_distill or absorbed))
+            metrics = _train_round(rnd, directory, work / "train_log.jsonl", progress)
+            if rnd.ema is not None:
+                rnd.ema.copy_to(student)
+            from sdwb.runs import atomic_write_json
+
+            atomic_write_json(directory / "round.json", metrics)
+            _save_state(student, done)
+            shutil.rmtree(directory / "checkpoint", ignore_errors=True)
+            accelerator.free_memory()
+        rounds.append(metrics)
+        current = student.eval().requires_grad_(False)
+    pipe.unet = current.cpu().float()
+    pipe.text_encoder = text_encoder.cpu()
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(sched_config)
+    from sdwb.inference import attach
+
+    inference = inference_defaults(config, absorbed)
+    attach(pipe, inference)
+    seconds = round(time.perf_counter() - started, 3)
+    record = _record(config, parent, rounds, inference, seconds)
+    if out is not None:
+        record = _write_variant(pipe, out, record, overwrite, say)
+        if not keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+    return Distilled(config, pipe, record, out, rounds)
+
+
+def _record(config: DistillConfig, parent: dict, rounds: list[dict], inference: dict, seconds: float) -> dict:
+    from compress.variants import FORMAT, library_versions
+
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "stage": "distill",
+        "method": config.method,
+        "backend": "torch",
+        "weights": "float32 student UNet; VAE and text encoder are the parent's",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "parent": parent,
+        "config": resolved(config),
+        "inference": inference,
+        "rounds": rounds,
+        "metrics": {"distill_seconds": seconds},
+        "libraries": library_versions(),
+    }
+
+
+def _write_variant(pipe, out: Path, record: dict, overwrite: bool, say) -> dict:
+    from compress.quantize import _dir_mb, save_float
+    from compress.variants import hash_tree
+    from sdwb.runs import atomic_dir, atomic_write_json
+
+    say(f"writing {out}")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_float(pipe, tmp)
+        record["metrics"]["size_mb"] = _dir_mb(tmp)
+        record["files"] = hash_tree(tmp)
+        atomic_write_json(tmp / "sdwb.json", record)
+    return record

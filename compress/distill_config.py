@@ -1,0 +1,162 @@
+"""``DistillConfig``: the typed, validated settings of a step-distillation run (``configs/distill/``).
+
+Why typed: a distillation run costs tens of CPU minutes per round; a typo (``student_step: 4``)
+or an impossible schedule (64 -> 6 steps is not a chain of halvings) must fail before a model is
+loaded. Unknown keys are errors, types are strict, and every problem is one ``SdwbError`` line
+naming the source, the key and what was expected. The resolved config is recorded in the
+student's ``sdwb.json`` and keys the resumable work directory.
+
+``budget`` is per round: an integer (or ``"200"``) is optimizer steps; ``"90s"``, ``"10m"``,
+``"1.5h"`` is wall-clock time (the learning-rate schedule then follows elapsed time, so a run
+under a time budget is seeded but not bit-reproducible).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sdwb.errors import SdwbError
+
+METHODS = ("progressive",)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*$")
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_budget(value: Union[int, str]) -> tuple[str, float]:
+    """``("steps", n)`` or ``("seconds", s)`` for a budget such as 200, "200", "10m", "90s", "1.5h"."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected optimizer steps (200) or a duration (10m, 90s, 1.5h), got {value!r}")
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        steps = int(value)
+        if steps < 1:
+            raise ValueError(f"expected at least 1 step per round, got {steps}")
+        return "steps", float(steps)
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f"expected optimizer steps (200) or a duration (10m, 90s, 1.5h), got {value!r}")
+    return "seconds", float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+class DistillConfig(BaseModel):
+    """Progressive distillation (Salimans & Ho 2022), optionally with guidance distillation
+    (Meng et al. 2023) in the first round: ``teacher_steps`` -> ... -> ``student_steps``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    method: Literal["progressive"] = Field("progressive", description="progressive (halving rounds)")
+    teacher_steps: int = Field(64, ge=2, le=1000, description="DDIM steps of the teacher in round 1")
+    student_steps: int = Field(4, ge=1, le=500, description="DDIM steps of the final student")
+    guidance_distill: bool = Field(
+        False, description="round 1's teacher is the guided prediction at `guidance`; the student sees "
+        "only the prompt and then runs with guidance 1.0 (one UNet call of batch B per step)")
+    guidance: float = Field(
+        7.5, ge=1.0, le=50.0, description="CFG scale: absorbed with guidance_distill, else the student's "
+        "default guidance at inference")
+    budget: Union[int, str] = Field(200, description="per round: optimizer steps, or a duration 10m/90s/1h")
+    batch: int = Field(32, ge=1, le=4096)
+    lr: float = Field(1e-4, gt=0.0, le=1.0)
+    warmup: int = Field(20, ge=0, description="linear warm-up steps of each round")
+    lr_floor: float = Field(0.1, ge=0.0, le=1.0, description="cosine decay to this fraction of lr")
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    ema_decay: Optional[float] = Field(
+        0.995, gt=0.0, lt=1.0, description="the saved student of each round is its EMA; null: raw weights")
+    weighting: Literal["truncated-snr", "snr+1"] = Field(
+        "truncated-snr", description="x-space loss weight max(SNR, 1) or SNR + 1 (Salimans & Ho, sec. 4)")
+    caption_dropout: float = Field(
+        0.1, ge=0.0, lt=1.0, description="empty-prompt fraction (keeps the unconditional branch for CFG); "
+        "unused with guidance_distill, whose student never sees an empty prompt")
+    latent_pool: int = Field(4096, ge=1, description="train-stream images pre-encoded by the model's VAE")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast for the UNet calls")
+    seed: int = Field(0, ge=0)
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, value):
+        kind, amount = parse_budget(value)
+        return int(amount) if kind == "steps" else value.strip()
+
+    @model_validator(mode="after")
+    def _schedule(self) -> DistillConfig:
+        teacher, student = self.teacher_steps, self.student_steps
+        if student >= teacher:
+            raise ValueError(
+                f"student_steps {student} must be fewer than teacher_steps {teacher} (each round halves "
+                "the steps)")
+        if teacher % student or not _power_of_two(teacher // student):
+            valid = ", ".join(str(teacher >> k) for k in range(1, 11) if teacher % (1 << k) == 0)
+            valid = valid or "none, use an even teacher_steps"
+            raise ValueError(
+                f"teacher_steps {teacher} / student_steps {student} must be a power of two (each round "
+                f"halves the steps; student_steps for {teacher}: {valid})")
+        return self
+
+    @property
+    def rounds(self) -> int:
+        """Number of halving rounds."""
+        return int(math.log2(self.teacher_steps // self.student_steps))
+
+    def round_steps(self) -> list[tuple[int, int]]:
+        """``[(teacher N, student N/2), ...]`` for every round, in order."""
+        return [(self.teacher_steps >> r, self.teacher_steps >> (r + 1)) for r in range(self.rounds)]
+
+    @property
+    def budget_kind(self) -> tuple[str, float]:
+        return parse_budget(self.budget)
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def resolved(config: DistillConfig) -> dict:
+    """The config with every default filled in, as plain JSON data (recorded in sdwb.json)."""
+    return config.model_dump(mode="json")
+
+
+def parse_distill_config(data: Any, source: str = "distill config") -> DistillConfig:
+    """Validate ``data`` as a :class:`DistillConfig`; one-line errors naming ``source`` and the key."""
+    if not isinstance(data, dict):
+        raise SdwbError(f"{source}: expected a mapping of distillation keys, got {type(data).__name__}")
+    method = data.get("method", "progressive")
+    if method not in METHODS:
+        raise SdwbError(f"{source}: method: unknown method {method!r} (expected one of {', '.join(METHODS)})")
+    try:
+        return DistillConfig.model_validate(data)
+    except ValidationError as e:
+        raise SdwbError(f"{source}: {_format(e)}") from None
+
+
+def load_distill_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                        **flags: Any) -> DistillConfig:
+    """Read ``configs/distill/*.yaml`` (or start from the defaults), apply ``--set KEY=VALUE``
+    overrides, then ``flags`` (command-line options; None values are ignored), and validate."""
+    from sdwb.config import _read_yaml, apply_overrides
+
+    data = _read_yaml(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "command line"
+    data = apply_overrides(data, overrides)
+    data.update({k: v for k, v in flags.items() if v is not None})
+    return parse_distill_config(data, source)
+
+
+def _format(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors(include_url=False)[:3]:
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{loc}: unknown key (allowed: {', '.join(DistillConfig.model_fields)})")
+        elif err["type"] == "value_error":
+            msg = str(err.get("ctx", {}).get("error", err["msg"]))
+            parts.append(f"{loc}: {msg}" if loc else msg)
+        else:
+            msg = err["msg"][:1].lower() + err["msg"][1:]
+            parts.append(f"{loc}: {msg}, got {err['input']!r}")
+    more = len(e.errors()) - 3
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

@@ -1,0 +1,204 @@
+"""A pruned UNet's architecture as data, and the UNet rebuilt from it without pickle.
+
+Why: diffusers' ``config.json`` cannot express per-layer widths after channel pruning, nor blocks
+removed here and there, and pickling the module is not allowed. So a pruned variant keeps the
+parent's ``unet/config.json`` and its ``sdwb.json`` gets ``architecture``: the removed blocks, the
+head count of every attention module and the shape of every tensor of the state dict. Rebuilding
+(:func:`build_unet`) instantiates the original config on the meta device (no memory, no random
+init), removes the same blocks, gives every tensor its recorded shape, makes the width attributes
+``forward`` reads agree (:func:`sync_attributes`), materialises the module and loads the
+safetensors weights with strict key and shape checks; any mismatch is one ``SdwbError`` line.
+
+MACs and parameters (:func:`measure`) are counted by torch-pruning's ``count_ops_and_params`` on
+one UNet call with one sample, exactly as ``sdwb bench`` counts ``unet_gmacs``
+(:mod:`bench.memory`): attention matmuls inside ``scaled_dot_product_attention`` are not counted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdwb.errors import SdwbError
+
+FORMAT = "sdwb-pruned-unet"
+MACS_COUNTER = (
+    "torch_pruning.utils.count_ops_and_params, one UNet call on one sample (timestep 999, the "
+    "model's latent size and token count); attention matmuls inside SDPA are not counted"
+)
+
+
+def describe(unet) -> dict:
+    """The architecture record of ``unet``: removed blocks, attention heads, every tensor's shape."""
+    from diffusers.models.attention_processor import Attention
+
+    from compress.prune_blocks import removed_blocks
+
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "base": "unet/config.json",
+        "removed": removed_blocks(unet),
+        "heads": {name: int(m.heads) for name, m in unet.named_modules() if isinstance(m, Attention)},
+        "shapes": {k: list(v.shape) for k, v in unet.state_dict().items()},
+    }
+
+
+def sync_attributes(unet) -> None:
+    """Make every width attribute that diffusers/torch forwards read agree with the tensors.
+
+    Pruning (and :func:`build_unet`) changes weights; ``GroupNorm.num_channels``,
+    ``LayerNorm.normalized_shape``, ``Upsample2D/Downsample2D.channels`` (asserted in forward) and
+    ``Attention.inner_dim`` must follow. ``Attention.heads`` is set by whoever changed the heads.
+    """
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.downsampling import Downsample2D
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+    from diffusers.models.upsampling import Upsample2D
+
+    for name, m in unet.named_modules():  # layers first: the blocks below read their widths
+        if isinstance(m, nn.Conv2d):
+            m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+        elif isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, nn.GroupNorm) and m.weight is not None:
+            m.num_channels = m.weight.shape[0]
+            if m.num_channels % m.num_groups:
+                raise SdwbError(f"{name}: {m.num_channels} channels do not split into {m.num_groups} groups")
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            m.normalized_shape = (m.weight.shape[0],)
+    for name, m in unet.named_modules():
+        if isinstance(m, (Upsample2D, Downsample2D)) and isinstance(getattr(m, "conv", None), nn.Conv2d):
+            m.channels, m.out_channels = m.conv.in_channels, m.conv.out_channels
+        elif isinstance(m, ResnetBlock2D):
+            m.in_channels, m.out_channels = m.conv1.in_channels, m.conv2.out_channels
+        elif isinstance(m, Transformer2DModel) and isinstance(getattr(m, "proj_in", None), _LAYERS):
+            m.in_channels = m.norm.num_channels
+            m.inner_dim = _width(m.proj_in)
+            m.out_channels = _width(m.proj_out)
+        elif isinstance(m, Attention):
+            m.inner_dim = m.to_q.out_features
+            m.inner_kv_dim = m.to_k.out_features
+            m.sliceable_head_dim = m.heads
+            m.out_dim = m.to_out[0].out_features
+            m.query_dim = m.to_q.in_features
+            if m.inner_dim % m.heads or m.inner_kv_dim % m.heads:
+                raise SdwbError(f"{name}: {m.heads} heads do not divide its {m.inner_dim} query dims")
+
+
+_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+def _width(module: nn.Module) -> int:
+    return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+
+
+def _resize(unet, shapes: dict, heads: dict) -> None:
+    """Give every (meta) tensor its recorded shape and every attention module its head count."""
+    from diffusers.models.attention_processor import Attention
+
+    have = set(unet.state_dict())
+    if have != set(shapes):
+        missing, extra = sorted(set(shapes) - have), sorted(have - set(shapes))
+        raise SdwbError(
+            f"architecture record does not fit the base config: {len(missing)} recorded tensors missing "
+            f"(e.g. {missing[:2]}), {len(extra)} unrecorded (e.g. {extra[:2]})"
+        )
+    for prefix, module in unet.named_modules():
+        for pname, tensor in list(module.named_parameters(recurse=False)):
+            shape = tuple(shapes[f"{prefix}.{pname}" if prefix else pname])
+            if tuple(tensor.shape) != shape:
+                empty = torch.empty(shape, device="meta", dtype=tensor.dtype)
+                setattr(module, pname, nn.Parameter(empty, requires_grad=tensor.requires_grad))
+        for bname, tensor in list(module.named_buffers(recurse=False)):
+            shape = tuple(shapes[f"{prefix}.{bname}" if prefix else bname])
+            if tensor is not None and tuple(tensor.shape) != shape:
+                module.register_buffer(bname, torch.empty(shape, device="meta", dtype=tensor.dtype))
+        if isinstance(module, Attention) and prefix in heads:
+            module.heads = int(heads[prefix])
+
+
+def build_unet(config: dict, architecture: dict, state: dict[str, torch.Tensor], source: str = "weights"):
+    """A ``UNet2DConditionModel`` of ``config`` reshaped to ``architecture`` holding ``state`` (fp32, CPU)."""
+    from diffusers import UNet2DConditionModel
+
+    from compress.prune_blocks import apply_removals
+
+    if not isinstance(architecture, dict) or architecture.get("format") != FORMAT:
+        raise SdwbError(f"{source}: architecture record is not a {FORMAT} record")
+    shapes = architecture.get("shapes") or {}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    apply_removals(unet, architecture.get("removed", []))
+    _resize(unet, shapes, architecture.get("heads", {}))
+    sync_attributes(unet)
+    for key in sorted(set(shapes) | set(state)):
+        if key not in state or key not in shapes:
+            where = "the architecture" if key not in shapes else source
+            raise SdwbError(f"{source}: tensor {key} is missing from {where}")
+        if list(state[key].shape) != list(shapes[key]):
+            raise SdwbError(f"{source}: tensor {key} has shape {list(state[key].shape)}, the architecture "
+                            f"record says {shapes[key]}")
+    unet.to_empty(device="cpu")
+    unet.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return unet.float().eval().requires_grad_(False)
+
+
+def load_unet(unet_dir: Path, architecture: dict):
+    """Rebuild the pruned UNet stored in ``unet_dir`` (config.json + safetensors) from its record."""
+    import json
+
+    from safetensors.torch import load_file
+
+    config_file = unet_dir / "config.json"
+    files = sorted(unet_dir.glob("*.safetensors"))
+    if not config_file.is_file() or not files:
+        raise SdwbError(f"{unet_dir}: expected config.json and safetensors weights of the pruned UNet")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise SdwbError(f"corrupt {config_file}: {exc}") from None
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(file))
+        except Exception as exc:  # safetensors raises its own error types
+            raise SdwbError(f"corrupt weights: {file}: {exc}") from None
+    return build_unet(config, architecture, state, source=str(unet_dir))
+
+
+def find_architecture(record: dict | None) -> dict | None:
+    """The ``architecture`` of the pruned variant in ``record``'s chain (itself or a parent), or None.
+
+    Why the chain: a variant made from a pruned one (quantized, say) stores weights of the pruned
+    shapes, and only the pruned ancestor's record says what those shapes are.
+    """
+    seen = 0
+    while isinstance(record, dict) and seen < 32:
+        if record.get("stage") == "prune":
+            return record.get("architecture")
+        record = (record.get("parent") or {}).get("variant")
+        seen += 1
+    return None
+
+
+def example_inputs(pipe) -> dict:
+    """One-sample UNet inputs (the bench's definition): the latent size, timestep 999, text states."""
+    from bench.memory import unet_example_inputs
+
+    return unet_example_inputs(pipe)
+
+
+def measure(unet, inputs: dict) -> dict:
+    """``{"gmacs", "params_m"}`` of one UNet call on ``inputs`` by torch-pruning's counter."""
+    import contextlib
+    import io
+
+    import torch_pruning as tp
+
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        macs, params = tp.utils.count_ops_and_params(unet, example_inputs=inputs)
+    return {"gmacs": float(macs) / 1e9, "params_m": float(params) / 1e6}
