@@ -45,15 +45,40 @@ def test_judge_prefers_the_true_caption_over_one_changed_attribute():
 
 @needs_assets
 def test_judge_zero_shot_accuracy_on_held_out_images():
-    """Colour and position are read reliably; shape is above chance (1/3) but below the bar of the
-    baseline issue (circle vs square is the judge's known weakness, see reports/baseline.md)."""
+    """The shipped judge reads colour, shape and position of held-out data-set images (the issue's
+    bar is 98 / 98 / 95 % on 1080 images, reports/baseline.md; here 120 images, a small margin)."""
     from sdwb.judge import load_judge
 
     judge = load_judge("builtin:shapes-judge")
-    samples = [shapes.sample_from_seed(shapes.EVAL_SEED_BASE + 800_000 + i) for i in range(60)]
+    samples = [shapes.sample_from_seed(shapes.EVAL_SEED_BASE + 800_000 + i) for i in range(120)]
     acc = judge.classify([s.render() for s in samples], [s.attributes for s in samples]).accuracy()
-    assert acc["color"] >= 0.95 and acc["position"] >= 0.95, acc
-    assert acc["shape"] > 0.5, acc
+    assert acc["color"] >= 0.97 and acc["shape"] >= 0.95 and acc["position"] >= 0.95, acc
+
+
+@needs_assets
+@pytest.mark.xfail(
+    strict=True,
+    reason="known defect of the shipped tiny-shapes VAE (colours merged; reports/baseline.md); the "
+    "retrained VAE (foreground-weighted loss) passes, the shipped weights wait for a UNet that "
+    "also keeps position. strict: this starts failing once fixed weights ship, remove the mark then",
+)
+def test_shipped_vae_keeps_colours_and_shapes():
+    """The judge reads the shipped VAE's reconstructions as well as the originals (the first VAE
+    merged six colours into two, which capped the whole model's colour accuracy at ~35 %)."""
+    from diffusers import AutoencoderKL
+
+    from sdwb.judge import load_judge
+    from sdwb.train.vae import images_to_vae_input
+
+    vae = AutoencoderKL.from_pretrained(TINY / "vae", torch_dtype=torch.float32).eval()
+    samples = [shapes.sample_from_seed(shapes.EVAL_SEED_BASE + 810_000 + i) for i in range(48)]
+    x = images_to_vae_input(np.stack([s.render() for s in samples]))
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    images = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    judge = load_judge("builtin:shapes-judge")
+    acc = judge.classify(list(images), [s.attributes for s in samples]).accuracy()
+    assert acc["color"] >= 0.95 and acc["shape"] >= 0.9 and acc["position"] >= 0.95, acc
 
 
 @needs_assets
@@ -192,3 +217,31 @@ def test_committed_training_config_is_the_default_one():
 
     path = Path(__file__).resolve().parents[1] / "configs" / "baseline" / "tiny-shapes.yaml"
     assert load_train_config(path) == BaselineTrainConfig()
+
+
+def test_foreground_mask_marks_exactly_the_shape_pixels():
+    from sdwb.train.vae import foreground_mask
+
+    images, _, samples = shapes.train_batch(7, 6)
+    mask = foreground_mask(images, samples)
+    assert mask.shape == (6, 1, 64, 64)
+    for img, s, m in zip(images, samples, mask[:, 0].numpy()):
+        background = np.array(shapes.BACKGROUNDS[s.background])
+        assert (np.abs(img[m == 0].astype(int) - background).max(axis=-1) <= 8).all()
+        assert 0.01 < m.mean() < 0.3  # a small or large shape, never the whole image
+
+
+def test_minimal_pairs_change_only_the_shape():
+    from sdwb.train.judge import with_minimal_pairs
+
+    samples = [shapes.sample_from_seed(i) for i in range(16)]
+    out = with_minimal_pairs(samples, 0.5)
+    assert out[:12] == samples[:12]  # 4 twins of the first 4 replace the last 4
+    for original, twin in zip(samples[:4], reversed(out[12:])):
+        assert twin.shape != original.shape
+        assert {k: v for k, v in twin.attributes.items() if k != "shape"} == {
+            k: v for k, v in original.attributes.items() if k != "shape"
+        }
+        same = twin.render() == original.render()
+        assert same.mean() > 0.8 and not same.all()  # same jitter and colours, different outline
+    assert with_minimal_pairs(samples, 0.0) == samples

@@ -20,21 +20,27 @@ class _Strict(BaseModel):
 
 
 class JudgeTrain(_Strict):
-    steps: int = Field(800, ge=1)
+    steps: int = Field(2500, ge=1)
     batch: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0)
     warmup: int = Field(100, ge=0)
     weight_decay: float = 0.05
+    minimal_pairs: float = Field(
+        0.5, ge=0, le=1, description="share of each batch in minimal pairs (half of it shape-swapped twins)"
+    )
     eval_images: int = Field(1080, ge=1, description="held-out images for the zero-shot accuracy")
 
 
 class VaeTrain(_Strict):
-    steps: int = Field(800, ge=1)
+    steps: int = Field(1600, ge=1)
     batch: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup: int = Field(50, ge=0)
     calib_images: int = Field(512, ge=2, description="held-out images for scaling factor and PSNR")
     kl_weight: float = Field(2e-4, ge=0, description="weight of the mean per-element KL term")
+    foreground_weight: float = Field(
+        10.0, ge=0, description="extra reconstruction weight of shape pixels (they are ~4% of an image)"
+    )
 
 
 class UnetTrain(_Strict):

@@ -54,7 +54,7 @@ def write_baseline_report(run: Path, out: Path) -> Path:
         "sdwb baseline report --run runs/baseline-train -o reports",
         "```",
         "",
-        f"Machine: {_cpu()}, {s.get('threads', '?')} torch threads, bf16 autocast (AMX).",
+        f"Machine: {_cpu()}, {s.get('threads', '?')} torch threads, {s['config']['precision']} autocast.",
         "",
         "## Judge (`builtin:shapes-judge`): zero-shot accuracy on held-out data-set images",
         "",

@@ -2,8 +2,9 @@
 
 Why: Stable Diffusion denoises in a VAE latent, and so does tiny-shapes (4x16x16 for a 64x64
 image), which makes the UNet cheap enough to train on a CPU. L1 + MSE keeps flat colours and
-sharp edges; the KL term keeps the latent smooth. After training, ``scaling_factor`` is set to
-1/std of the latents so the UNet sees unit-variance inputs, as in SD.
+sharp edges, with shape pixels weighted up (``foreground_weight``) so colours survive; the KL
+term keeps the latent smooth. After training, ``scaling_factor`` is set to 1/std of the latents
+so the UNet sees unit-variance inputs, as in SD.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sdwb import shapes
 from sdwb.tiny_arch import vae_config
@@ -25,6 +25,17 @@ VAE_STREAM_OFFSET = 3_000_000
 def images_to_vae_input(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1] (the pipeline's image range)."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def foreground_mask(images: np.ndarray, samples: list[shapes.ShapeSample]) -> torch.Tensor:
+    """(B, 1, H, W) float: 1 where a pixel differs from its sample's background colour.
+
+    Why: the shape covers ~4% of an image, so a plain reconstruction loss is dominated by the
+    flat background; the first shipped VAE, trained that way, merged six colours into two.
+    """
+    background = np.array([shapes.BACKGROUNDS[s.background] for s in samples], dtype=np.int16)
+    differs = np.abs(images.astype(np.int16) - background[:, None, None, :]).max(axis=-1) > 8
+    return torch.from_numpy(differs).float().unsqueeze(1)
 
 
 class _Autoencode(torch.nn.Module):
@@ -55,14 +66,16 @@ def train_vae(cfg: BaselineTrainConfig, work_dir: Path, accelerator, progress=Tr
     def step_fn(step: int) -> dict[str, float]:
         for g in optimizer.param_groups:
             g["lr"] = vc.lr * cosine_lr(step, vc.steps, vc.warmup)
-        images, _, _ = shapes.train_batch(VAE_STREAM_OFFSET // vc.batch + step * world + rank, vc.batch)
+        images, _, samples = shapes.train_batch(VAE_STREAM_OFFSET // vc.batch + step * world + rank, vc.batch)
         x = images_to_vae_input(images).to(accelerator.device)
+        weight = 1.0 + vc.foreground_weight * foreground_mask(images, samples).to(x.device)
         gen = step_generator(cfg.seed, step, stream=100 + rank)
         noise = torch.randn((x.shape[0], 4, x.shape[2] // 4, x.shape[3] // 4), generator=gen).to(x.device)
         with autocast(accelerator.device, cfg.precision):
             rec, kl = trainer(x, noise)
         rec = rec.float()
-        rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        err = rec - x
+        rec_loss = ((err.abs() + err.pow(2)) * weight).mean() / weight.mean()
         kl = kl.float().mean() / latent_numel
         loss = rec_loss + vc.kl_weight * kl
         accelerator.backward(loss)
