@@ -44,7 +44,6 @@ import torch
 from compress.prune_config import PruneConfig, resolved
 from sdwb.errors import SdwbError
 
-RUN_FILE = "run.json"
 PRUNED_DIR = "pruned"
 POOL_FILE = "latent_pool.safetensors"
 
@@ -120,24 +119,9 @@ def _needs_data(config: PruneConfig) -> bool:
 
 def _prepare_work(work: Path, config: PruneConfig, fingerprint: str | None) -> None:
     """Create ``work`` or check that it holds a run of this exact config and source."""
-    from sdwb.runs import atomic_write_json
+    from sdwb.runs import prepare_work_dir
 
-    identity = {"config": resolved(config), "source": fingerprint}
-    run_file = work / RUN_FILE
-    if run_file.is_file():
-        try:
-            found = json.loads(run_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise SdwbError(f"corrupt {run_file}: {exc} (delete {work} to start over)") from None
-        if found != identity:
-            what = "config" if found.get("config") != identity["config"] else "source model"
-            raise SdwbError(f"{work}: holds a pruning run with another {what}; give the same settings to "
-                            f"resume it, or delete {work} (or pass another --work-dir) to start over")
-        return
-    if work.exists() and any(work.iterdir()):
-        raise SdwbError(f"{work}: exists and is not a pruning work directory (no {RUN_FILE})")
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_file, identity)
+    prepare_work_dir(work, {"config": resolved(config), "source": fingerprint}, "pruning")
 
 
 def _save_pruned(unet, summary: dict, directory: Path) -> None:

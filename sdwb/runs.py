@@ -113,6 +113,35 @@ def atomic_dir(final_path: str | Path, overwrite: bool = False) -> Iterator[Path
         raise
 
 
+WORK_RUN_FILE = "run.json"
+
+
+def prepare_work_dir(work: str | Path, identity: dict, kind: str) -> None:
+    """Create a resumable work directory, or check that it holds a run of exactly ``identity``.
+
+    ``identity`` (e.g. the resolved config and the source model's fingerprint) is written to
+    ``work/run.json`` on creation; a later run resumes only when it matches, so checkpoints of
+    another config or model are never mixed in. ``kind`` names the run in the errors
+    ("pruning", "distillation").
+    """
+    work = Path(work)
+    run_file = work / WORK_RUN_FILE
+    if run_file.is_file():
+        try:
+            found = json.loads(run_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise SdwbError(f"corrupt {run_file}: {exc} (delete {work} to start over)") from None
+        if found != identity:
+            what = "config" if found.get("config") != identity.get("config") else "source model"
+            raise SdwbError(f"{work}: holds a {kind} run with another {what}; give the same settings to "
+                            f"resume it, or delete {work} (or pass another --work-dir) to start over")
+        return
+    if work.exists() and any(work.iterdir()):
+        raise SdwbError(f"{work}: exists and is not a {kind} work directory (no {WORK_RUN_FILE})")
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_file, identity)
+
+
 def write_resolved_config(directory: str | Path, recipe_dict: dict) -> Path:
     """Write ``config.resolved.yaml`` (the recipe with all defaults filled in) into ``directory``."""
     text = yaml.safe_dump(recipe_dict, sort_keys=False, default_flow_style=False)
