@@ -19,6 +19,23 @@ compress_app = typer.Typer(
     no_args_is_help=True,
 )
 
+# Options the three commands share, declared once.
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Variant directory to create.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace OUTPUT if it exists (only on success).")]
+ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
+WorkDirOpt = Annotated[
+    Optional[Path], typer.Option(help="Resumable state (default OUTPUT.work; removed on success).")
+]
+KeepWorkOpt = Annotated[bool, typer.Option(help="Keep the work directory after success.")]
+
+
+def _set_option(example: str):
+    """The repeatable ``--set KEY=VALUE`` config override, with a command-specific example."""
+    return Annotated[
+        Optional[list[str]],
+        typer.Option("--set", "-s", metavar="KEY=VALUE", help=f"Override a config key, e.g. {example}."),
+    ]
+
 
 def _components(text: Optional[str]) -> Optional[list[str]]:
     if text is None:
@@ -52,7 +69,7 @@ def _quiet_libraries(method: str) -> None:
 
 @compress_app.command("quantize")
 def quantize_command(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Variant directory to create.")],
+    output: OutputOpt,
     model: Annotated[
         str,
         typer.Option(
@@ -77,11 +94,8 @@ def quantize_command(
         Optional[int], typer.Option(help="Calibration prompts (ort-int8-static).")
     ] = None,
     min_psnr: Annotated[Optional[float], typer.Option(help="Guard floor, dB vs the float model.")] = None,
-    set_: Annotated[
-        Optional[list[str]],
-        typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. guard.steps=4."),
-    ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists (only on success).")] = False,
+    set_: _set_option("guard.steps=4") = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Quantize a model with one method; probe it against the float model; write the variant + sdwb.json.
 
@@ -117,7 +131,7 @@ def quantize_command(
 
 @compress_app.command("distill")
 def distill_command(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Variant directory to create.")],
+    output: OutputOpt,
     model: Annotated[
         str, typer.Option("--model", "-m", help="Teacher: builtin:NAME, a diffusers dir or a cached hub id.")
     ] = "builtin:tiny-shapes",
@@ -139,16 +153,11 @@ def distill_command(
     ] = None,
     batch: Annotated[Optional[int], typer.Option(help="Training batch (default 32).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="configs/distill/*.yaml.")] = None,
-    set_: Annotated[
-        Optional[list[str]],
-        typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. lr=0.0002."),
-    ] = None,
-    work_dir: Annotated[
-        Optional[Path], typer.Option(help="Resumable state (default OUTPUT.work; removed on success).")
-    ] = None,
-    keep_work: Annotated[bool, typer.Option(help="Keep the work directory after success.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists (only on success).")] = False,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    set_: _set_option("lr=0.0002") = None,
+    work_dir: WorkDirOpt = None,
+    keep_work: KeepWorkOpt = False,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
 ) -> None:
     """Step-distil a model: progressive distillation (N -> N/2 per round), optionally guidance-distilled.
 
@@ -185,7 +194,7 @@ def _names(text: Optional[str]) -> Optional[list[str]]:
 
 @compress_app.command("prune")
 def prune_command(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Variant directory to create.")],
+    output: OutputOpt,
     model: Annotated[
         str, typer.Option("--model", "-m", help="builtin:NAME, a diffusers dir or a cached hub id.")
     ] = "builtin:tiny-shapes",
@@ -206,16 +215,11 @@ def prune_command(
         Optional[str], typer.Option(help="blocks: comma list of blocks to remove (names/globs).")
     ] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="configs/prune/*.yaml.")] = None,
-    set_: Annotated[
-        Optional[list[str]],
-        typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key: finetune.lr=1e-4."),
-    ] = None,
-    work_dir: Annotated[
-        Optional[Path], typer.Option(help="Resumable state (default OUTPUT.work; removed on success).")
-    ] = None,
-    keep_work: Annotated[bool, typer.Option(help="Keep the work directory after success.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists (only on success).")] = False,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    set_: _set_option("finetune.lr=1e-4") = None,
+    work_dir: WorkDirOpt = None,
+    keep_work: KeepWorkOpt = False,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
 ) -> None:
     """Prune the UNet (channels or blocks), optionally recover by distillation; write the variant + sdwb.json.
 

@@ -56,15 +56,9 @@ def test_judge_zero_shot_accuracy_on_held_out_images():
 
 
 @needs_assets
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect of the shipped tiny-shapes VAE (colours merged; reports/baseline.md); the "
-    "retrained VAE (foreground-weighted loss) passes, the shipped weights wait for a UNet that "
-    "also keeps position. strict: this starts failing once fixed weights ship, remove the mark then",
-)
 def test_shipped_vae_keeps_colours_and_shapes():
-    """The judge reads the shipped VAE's reconstructions as well as the originals (the first VAE
-    merged six colours into two, which capped the whole model's colour accuracy at ~35 %)."""
+    """The judge reads the shipped VAE's reconstructions as well as the originals (the first shipped
+    VAE merged six colours into two, which capped the whole model's colour accuracy at ~35 %)."""
     from diffusers import AutoencoderKL
 
     from sdwb.judge import load_judge

@@ -245,7 +245,7 @@ def test_shipped_distill_configs_are_valid():
     for path in files:
         load_distill_config(path)
     four = load_distill_config(root / "distill4.yaml")
-    assert four.round_steps() == [(64, 32), (32, 16), (16, 8), (8, 4)] and four.guidance_distill
+    assert four.round_steps() == [(32, 16), (16, 8), (8, 4)] and four.guidance_distill
     assert four.guidance == 7.5
 
 

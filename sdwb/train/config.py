@@ -51,6 +51,9 @@ class UnetTrain(_Strict):
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="share of empty captions (for CFG)")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     min_snr_gamma: float | None = Field(5.0, description="Min-SNR loss weighting; null = plain MSE")
+    min_snr_floor: float = Field(
+        1.0, gt=0, description="v-prediction: the Min-SNR weight's SNR floor (keeps zero-SNR steps trained)"
+    )
     latent_pool: int = Field(32768, ge=1, description="pre-encoded training images (random templates)")
 
 

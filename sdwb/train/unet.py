@@ -80,13 +80,30 @@ def tokenize(captions: list[str], tokenizer) -> torch.Tensor:
     ).input_ids
 
 
-def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float | None) -> torch.Tensor:
-    """Per-sample loss weights min(SNR, gamma)/SNR for epsilon prediction (1 when disabled)."""
+def min_snr_weights(
+    scheduler, timesteps: torch.Tensor, gamma: float | None, floor: float = 1.0
+) -> torch.Tensor:
+    """Per-sample loss weights (Min-SNR-gamma, Hang et al. 2023); 1 when ``gamma`` is None.
+
+    epsilon: min(SNR, gamma) / SNR. v-prediction: min(max(SNR, floor), gamma) / (SNR + 1): the
+    plain Min-SNR weight for v, min(SNR, gamma) / (SNR + 1), is 0 at zero terminal SNR, exactly
+    where the layout is decided, so the SNR is floored (floor 1 = the x0-space weight max(SNR, 1)
+    of Salimans & Ho, capped at gamma).
+    """
     if gamma is None:
         return torch.ones(len(timesteps))
-    alphas = scheduler.alphas_cumprod[timesteps.cpu()]
+    alphas = scheduler.alphas_cumprod[timesteps.cpu()].double()
     snr = alphas / (1 - alphas)
-    return torch.clamp(snr, max=gamma) / snr
+    if scheduler.config.prediction_type == "v_prediction":
+        return (torch.clamp(snr, min=min(floor, gamma), max=gamma) / (snr + 1)).float()
+    return (torch.clamp(snr, max=gamma) / snr).float()
+
+
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    """What the UNet learns to predict: the noise (epsilon) or the velocity (v_prediction)."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
 
 
 def train_unet(cfg: BaselineTrainConfig, vae, tokenizer, work_dir: Path, accelerator, progress=True):
@@ -127,8 +144,10 @@ def train_unet(cfg: BaselineTrainConfig, vae, tokenizer, work_dir: Path, acceler
         noisy = noise_scheduler.add_noise(latents, noise, t)
         with autocast(device, cfg.precision):
             pred = model(noisy.to(device), t.to(device), ids.to(device)).float()
-        per_sample = F.mse_loss(pred, noise.to(device), reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weights(noise_scheduler, t, uc.min_snr_gamma).to(device)).mean()
+        target = training_target(noise_scheduler, latents, noise, t)
+        per_sample = F.mse_loss(pred, target.to(device), reduction="none").mean(dim=(1, 2, 3))
+        weights = min_snr_weights(noise_scheduler, t, uc.min_snr_gamma, uc.min_snr_floor)
+        loss = (per_sample * weights.to(device)).mean()
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

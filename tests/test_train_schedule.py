@@ -1,0 +1,39 @@
+"""The tiny-shapes noise schedule and UNet training targets (zero terminal SNR, v-prediction)."""
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from sdwb.tiny_arch import scheduler_config
+from sdwb.train.unet import min_snr_weights, training_target
+
+
+def _ddpm():
+    config = {k: v for k, v in scheduler_config().items() if k not in ("set_alpha_to_one", "steps_offset")}
+    return DDPMScheduler(**config)
+
+
+def test_last_training_step_carries_no_signal_so_layout_must_come_from_the_prompt():
+    sched = _ddpm()
+    assert float(sched.alphas_cumprod[-1]) == 0.0
+    x0, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    t = torch.tensor([999, 999])
+    assert torch.equal(sched.add_noise(x0, noise, t), noise)
+    # v at zero SNR is -x0: the model must predict the clean latent from the text alone
+    assert torch.allclose(training_target(sched, x0, noise, t), -x0, atol=1e-6)
+
+
+def test_sampling_starts_at_pure_noise():
+    ddim = DDIMScheduler(**scheduler_config())
+    for steps in (4, 25, 50):
+        ddim.set_timesteps(steps)
+        assert int(ddim.timesteps[0]) == 999
+
+
+def test_v_weights_keep_the_highest_noise_levels_trained():
+    sched = _ddpm()
+    t = torch.tensor([0, 250, 500, 750, 999])
+    w = min_snr_weights(sched, t, gamma=5.0)
+    assert torch.all(w > 0) and torch.all(w <= 1.0 + 1e-6)
+    assert float(w[-1]) == 1.0  # plain Min-SNR for v would give 0 here
+    assert float(w[0]) < 0.05  # the near-clean end is down-weighted (capped at gamma)
+    assert torch.equal(min_snr_weights(sched, t, None), torch.ones(5))
