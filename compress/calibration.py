@@ -145,6 +145,8 @@ def record_trajectories(pipe, config: CalibrationConfig, progress=None) -> Calib
                     guidance_scale=config.guidance,
                     generator=[generator],
                     scheduler=make_scheduler(config.scheduler, pipe.scheduler.config),
+                    height=config.height,
+                    width=config.width,
                 )
             else:
                 original = pipe.scheduler
@@ -157,6 +159,8 @@ def record_trajectories(pipe, config: CalibrationConfig, progress=None) -> Calib
                         guidance_scale=config.guidance,
                         generator=[generator],
                         output_type="np",
+                        height=config.height,
+                        width=config.width,
                     )
                 finally:
                     pipe.scheduler = original

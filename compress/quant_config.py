@@ -58,6 +58,12 @@ class CalibrationConfig(_Strict):
     scheduler: Literal["ddim", "euler", "dpmpp"] = "ddim"
     seed: int = Field(0, ge=0, description="trajectory i starts from the noise of seed + i")
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    height: Optional[int] = Field(
+        None, ge=64, multiple_of=64, description="image height of the trajectories (None: the model's own)"
+    )
+    width: Optional[int] = Field(
+        None, ge=64, multiple_of=64, description="image width of the trajectories (None: the model's own)"
+    )
 
 
 class _Method(_Strict):

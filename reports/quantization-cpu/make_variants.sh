@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make every quantized variant the quantization-cpu benchmark reads (runs/ is git-ignored).
-#   bash reports/quantization-cpu/make_variants.sh tiny-shapes   # ~3 min on 2 cores
+#   bash reports/quantization-cpu/make_variants.sh tiny-shapes   # ~4 min on 2 cores (torchao: pip install -e '.[torchao]')
 #   bash reports/quantization-cpu/make_variants.sh sd15-arch     # ~40 min, peak RSS ~6 GB per torch variant
+#   bash reports/quantization-cpu/make_variants.sh sd15-arch-ort # ~11 min: ONNX export (peak RSS 10.4 GB) + 2 int8 graphs (14.3 GB each)
 set -euo pipefail
 which="${1:-tiny-shapes}"
 out="runs/quantize/$which"
@@ -21,6 +22,13 @@ elif [ "$which" = sd15-arch ]; then
   done
   sdwb compress quantize --model builtin:sd15-arch --config configs/quantize/torch-int8-static.yaml "${guard[@]}" \
     --set calibration.prompts=1 --set calibration.steps=2 --set calibration.timesteps=all -o "$out/torch-int8-static" --overwrite
+elif [ "$which" = sd15-arch-ort ]; then
+  mkdir -p runs/quantize/sd15-arch
+  [ -f runs/sd15/ort-fp32/manifest.json ] || sdwb export onnx --model builtin:sd15-arch -o runs/sd15/ort-fp32
+  for m in ort-int8-static ort-int8-static-attn; do
+    sdwb compress quantize --model runs/sd15/ort-fp32 --config "configs/quantize/$m-sd15.yaml" \
+      -o "runs/quantize/sd15-arch/$m" --overwrite
+  done
 else
-  echo "usage: $0 tiny-shapes|sd15-arch" >&2; exit 2
+  echo "usage: $0 tiny-shapes|sd15-arch|sd15-arch-ort" >&2; exit 2
 fi
