@@ -38,11 +38,11 @@ class DenoisingData:
         self.text_encoder = pipe.text_encoder
         self.scaling = float(pipe.vae.config.scaling_factor)
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.prediction_type = self.scheduler.config.prediction_type
 
     @torch.no_grad()
     def batch(self, step: int, size: int, stream: int) -> dict[str, torch.Tensor]:
         from sdwb.train.common import step_generator
+        from sdwb.train.unet import training_target
 
         gen = step_generator(self.config.seed, step, stream)
         pool = self.pool
@@ -54,8 +54,7 @@ class DenoisingData:
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (size,), generator=gen)
         noisy = self.scheduler.add_noise(latents, noise, t)
-        target = noise if self.prediction_type == "epsilon" else \
-            self.scheduler.get_velocity(latents, noise, t)
+        target = training_target(self.scheduler, latents, noise, t)
         param = next(self.text_encoder.parameters())
         hidden = self.text_encoder(ids.to(param.device))[0].float().cpu()
         return {"sample": noisy, "timestep": t, "encoder_hidden_states": hidden, "target": target}
