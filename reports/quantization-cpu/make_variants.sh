@@ -25,10 +25,11 @@ elif [ "$which" = sd15-arch ]; then
 elif [ "$which" = sd15-arch-ort ]; then
   mkdir -p runs/quantize/sd15-arch
   [ -f runs/sd15/ort-fp32/manifest.json ] || sdwb export onnx --model builtin:sd15-arch -o runs/sd15/ort-fp32
-  for m in ort-int8-static ort-int8-static-attn; do
-    sdwb compress quantize --model runs/sd15/ort-fp32 --config "configs/quantize/$m-sd15.yaml" \
-      -o "runs/quantize/sd15-arch/$m" --overwrite
-  done
+  sdwb compress quantize --model runs/sd15/ort-fp32 --config configs/quantize/ort-int8-static-sd15.yaml \
+    -o runs/quantize/sd15-arch/ort-int8-static --overwrite
+  # the same with the attention matmuls (activation x activation) in int8 too
+  sdwb compress quantize --model runs/sd15/ort-fp32 --config configs/quantize/ort-int8-static-sd15.yaml \
+    --set quantize_activation_matmuls=true -o runs/quantize/sd15-arch/ort-int8-static-attn --overwrite
 else
   echo "usage: $0 tiny-shapes|sd15-arch|sd15-arch-ort" >&2; exit 2
 fi
