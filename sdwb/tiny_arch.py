@@ -22,11 +22,11 @@ MAX_TOKENS = 32
 def vae_config() -> dict:
     """AutoencoderKL kwargs: three levels (two downsamplings), 4 latent channels, no mid-block attention.
 
-    Why no attention: with self-attention in the 16x16 mid-blocks the encoder is free to spread
-    a shape's code over the whole latent and the decoder to place it from anywhere; the UNet
-    trained on such latents (foreground-weighted VAE) drew every position the same for a seed
-    (position accuracy 21.5%). A purely convolutional VAE keeps the latent spatially local, as
-    SD's latents are in practice, so position stays a spatial property the UNet can learn.
+    Why no attention: it was the first suspect for the UNet ignoring position words, and removing
+    it did not fix that (position 14.8% after 1000 UNet steps; the cause was the noise schedule,
+    see :func:`scheduler_config`). It stays out because the convolutional VAE is smaller and
+    faster to train (0.41 s/step for 1600 steps with 2 threads) and reconstructs as well as needed:
+    36.3 dB, judge colour 100% / shape 99.2% / position 100% on held-out reconstructions.
     """
     return dict(
         in_channels=3,

@@ -26,9 +26,8 @@ for seed in range(24):
     if m.sum() == 0: continue
     yy, xx = np.nonzero(m); cy, cx = yy.mean() / 4, xx.mean() / 4
     proj = torch.einsum("c,bchw->bhw", direction, lat)[0]
-    for sign in (1,):
-        blur = torch.nn.functional.avg_pool2d((sign * proj)[None, None], 5, 1, 2)[0, 0]
-        iy, ix = np.unravel_index(int(blur.argmax()), blur.shape)
+    blur = torch.nn.functional.avg_pool2d(proj[None, None], 5, 1, 2)[0, 0]
+    iy, ix = np.unravel_index(int(blur.argmax()), blur.shape)
     dists.append(np.hypot(cy - iy, cx - ix))
     # the same distance for a random location, as a reference
     hits.append(np.hypot(cy - np.random.randint(16), cx - np.random.randint(16)))

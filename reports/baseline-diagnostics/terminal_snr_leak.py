@@ -17,11 +17,13 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from safetensors.torch import load_file
 
 from sdwb import shapes
-from sdwb.tiny_arch import vae_config
+from sdwb.tiny_arch import scheduler_config, vae_config
 from sdwb.train.vae import calibrate_and_evaluate, images_to_vae_input
 
 torch.set_num_threads(1)
-SD_SCHEDULE = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+# tiny-shapes' betas without the zero-terminal-SNR rescale: SD 1.x's own schedule
+SD_SCHEDULE = DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k in ("num_train_timesteps", "beta_start",
+                                                                                    "beta_end", "beta_schedule")})
 
 
 def load_vae(spec: str) -> AutoencoderKL:
