@@ -166,7 +166,11 @@ def _quantize_component(
 
         if not calib.feeds.get(name):
             raise SdwbError(f"calibration recorded no inputs for {name}")
-        info = quantize_static_file(src, dst, config, calibration_reader(calib, name, names))
+        reader = calibration_reader(calib, name, names)
+        if config.fuse_attention and name == "unet":
+            info = _quantize_fused(src, dst, config, reader)
+        else:
+            info = quantize_static_file(src, dst, config, reader)
     else:
         info = fp16_file(src, dst, config)
     feeds = (
@@ -190,6 +194,24 @@ def _quantize_component(
         "shrink": round(float_size / max(size, 1), 3),
         "error_vs_float": error,
     }
+
+
+def _quantize_fused(src: Path, dst: Path, config: QuantConfig, reader) -> dict:
+    """Fuse ``src``'s attention (compress.ort_fusion), then quantize the fused graph into ``dst``."""
+    import shutil
+    import tempfile
+
+    from compress.ort_fusion import fuse_attention
+    from compress.quant_ort import quantize_static_file
+
+    work = Path(tempfile.mkdtemp(prefix=".fused-", dir=dst.parent.parent))
+    try:
+        fused = work / src.name
+        fusion = fuse_attention(src, fused)
+        info = quantize_static_file(fused, dst, config, reader)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {**info, "attention_fusion": fusion}
 
 
 def _manifest(manifest: dict, entries: dict, config: QuantConfig, parent: dict, files: dict) -> dict:

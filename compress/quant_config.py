@@ -148,6 +148,11 @@ class OrtInt8StaticConfig(_Method):
     quantize_activation_matmuls: bool = Field(
         False, description="also quantize MatMuls of two activations (attention scores, attention x V)"
     )
+    fuse_attention: bool = Field(
+        False,
+        description="UNet: fuse attention into ONNX Runtime's MultiHeadAttention (CPU flash attention) "
+        "before quantizing; see compress/ort_fusion.py",
+    )
     exclude_op_types: list[str] = Field(
         default_factory=lambda: [
             "Softmax",

@@ -402,3 +402,52 @@ def test_cli_bad_input_is_one_line(args, expected, tiny, tmp_path, capsys):
     code, _, err = _cli(["compress", "quantize", "--model", tiny, "-o", str(tmp_path / "v"), *args], capsys)
     assert code == 2 and err.startswith("error: ") and expected in err and err.count("\n") == 1
     assert not (tmp_path / "v").exists()
+
+
+# --------------------------------------------------------------------------- attention fusion
+
+
+def _quantized_matmuls(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path))
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and set(n.input) & dequantized)
+
+
+@pytest.mark.parametrize(
+    "exporter, fuser",
+    [("torchscript", "onnxruntime.transformers.optimizer"), ("dynamo", "onnxscript.optimize_for_ort")],
+)
+def test_attention_fusion_keeps_outputs_and_projections(exporter, fuser, tiny, tmp_path):
+    """Fused graph: MultiHeadAttention only (no packed-weight Attention op the int8 pass can't reach),
+    same outputs as the exported graph, from either exporter (each has its own fuser)."""
+    import onnx
+
+    from compress.ort_fusion import fuse_attention
+    from export.onnx import export_onnx
+
+    export_onnx(tiny, tmp_path / "export", components=["unet"], exporter=exporter)
+    src, dst = tmp_path / "export/unet/model.onnx", tmp_path / "fused/model.onnx"
+    info = fuse_attention(src, dst)
+    ops = [n.op_type for n in onnx.load(str(dst)).graph.node]
+    assert info["fuser"] == fuser
+    assert info["multi_head_attention"] == ops.count("MultiHeadAttention") > 0
+    assert "Attention" not in ops and "Softmax" not in ops  # every attention core fused
+    rng = np.random.default_rng(0)
+    hidden = _session(src).get_inputs()[2].shape[2]
+    feeds = {
+        "sample": rng.standard_normal((2, 4, 8, 8)).astype(np.float32),
+        "timestep": np.array([500.0], np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, 7, hidden)).astype(np.float32),
+    }
+    assert _rel_error(src, dst, feeds) < 1e-4
+
+
+def test_ort_static_with_fused_attention_quantizes_every_projection(ort_static, tiny, tmp_path, calib_cfg):
+    fused = quantize(tiny, cfg("ort-int8-static", calibration=calib_cfg, fuse_attention=True), tmp_path / "v")
+    info = fused.metrics["components"]["unet"]
+    assert info["attention_fusion"]["multi_head_attention"] > 0 and info["error_vs_float"]["finite"]
+    graph = fused.path / "unet/model.onnx"
+    assert _quantized_matmuls(graph) >= _quantized_matmuls(ort_static.path / "unet/model.onnx") > 0
+    assert not list(fused.path.glob(".fused-*"))  # the fused float scratch graph is not shipped
