@@ -182,8 +182,12 @@ def generate(
     width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: model's).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp32 | bf16 | fp16 (default fp32).")] = None,
     backend: Annotated[
-        str, typer.Option(help="torch | onnxruntime | tensorrt (the last two: --model is an export dir).")
-    ] = "torch",
+        str,
+        typer.Option(
+            help="auto | torch | onnxruntime | tensorrt (the last two: --model is an export dir; auto: "
+            "onnxruntime for an ONNX export or ONNX Runtime variant, else torch)."
+        ),
+    ] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
     config: Annotated[
         Optional[Path], typer.Option("--config", "-c", help="Recipe YAML; flags override it.")
@@ -195,8 +199,8 @@ def generate(
     from sdwb.config import config_hash, load_recipe, recipe_from_dict, resolved_dict
     from sdwb.runs import atomic_save_image, atomic_write_json, check_writable_file
 
-    if backend not in ("torch", "onnxruntime", "tensorrt"):
-        raise SdwbError(f"--backend {backend}: expected torch, onnxruntime or tensorrt")
+    if backend not in ("auto", "torch", "onnxruntime", "tensorrt"):
+        raise SdwbError(f"--backend {backend}: expected auto, torch, onnxruntime or tensorrt")
     recipe = load_recipe(config, set_)
     flags = {"model": model, "steps": steps, "guidance": guidance, "seed": seed, "scheduler": scheduler,
              "batch": batch, "height": height, "width": width, "dtype": dtype}
@@ -212,6 +216,8 @@ def generate(
             data["generate"][key] = value
     recipe = recipe_from_dict(data, "command line")
     g = recipe.generate
+    if backend == "auto":
+        backend = "onnxruntime" if _is_onnx_export(recipe.model) else "torch"
     output = check_writable_file(output, IMAGE_SUFFIXES)
     device = _resolve_device(device)
 
@@ -257,6 +263,14 @@ def generate(
     }
     meta = atomic_write_json(output.with_suffix(".json"), record)
     typer.echo(f"wrote {output} ({len(images)} image{'s' if len(images) > 1 else ''}) and {meta}")
+
+
+def _is_onnx_export(model: str) -> bool:
+    """An ONNX export or ONNX Runtime variant: a directory with an export manifest, no diffusers index."""
+    from export.onnx import MANIFEST
+
+    path = Path(model)
+    return path.is_dir() and (path / MANIFEST).is_file() and not (path / "model_index.json").exists()
 
 
 def _generate_exported(backend: str, model: str, dtype: str, device: str, prompts: list[str],

@@ -316,6 +316,14 @@ def test_ort_quantized_unet_runs_with_bounded_error(ort_dynamic, ort_static, tin
         assert max(errors) < bound, (variant.method, errors)
 
 
+def test_generate_picks_onnxruntime_for_an_ort_variant(ort_static, tmp_path, capsys):
+    img = tmp_path / "img.png"
+    args = ["generate", "--model", str(ort_static.path), "-p", "a red circle", "--steps", "2"]
+    code, stdout, err = _cli(args + ["--no-progress", "-o", str(img)], capsys)
+    assert code == 0, err
+    assert json.loads(img.with_suffix(".json").read_text())["backend"] == "onnxruntime"
+
+
 def test_ort_static_is_qdq_with_exclusions_and_records_timesteps(ort_static):
     import onnx
 
