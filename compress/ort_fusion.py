@@ -1,11 +1,11 @@
 """Fuse an exported UNet's attention into ONNX Runtime's ``MultiHeadAttention`` for the CPU.
 
-Why: once convolutions and linears run in int8, the float attention core is the largest float part
-of an SD 1.5 UNet call on the CPU (five self-attentions over 4096 tokens at the 64x64 level). The exported graph
-computes it as MatMul -> Mul -> Softmax -> MatMul and materialises every 4096x4096 score matrix;
-ONNX Runtime's ``com.microsoft.MultiHeadAttention`` has a CPU flash-attention kernel that does not
-(one 2x8x4096x40 attention, 1 thread: 0.53 s fused vs 0.66 s unfused, max abs difference 2e-7;
-reports/quantization-cpu/attention_microbench.py).
+Why: once convolutions and linears run in int8, the float attention core is the largest float
+part of an SD 1.5 UNet call on the CPU (five self-attentions over 4096 tokens at the 64x64 level).
+The exported graph computes it as MatMul -> Mul -> Softmax -> MatMul and materialises every
+4096x4096 score matrix; ONNX Runtime's ``com.microsoft.MultiHeadAttention`` has a CPU
+flash-attention kernel that does not (one 2x8x4096x40 attention, 1 thread: 0.53 s fused vs 0.66 s
+unfused, max abs difference 2e-7; reports/quantization-cpu/attention_microbench.py).
 
 How: two library fusers, because the two exporters write attention differently.
 - dynamo-exported graphs (sd15-arch's UNet, over 2 GB): onnxscript's ``optimize_for_ort``
