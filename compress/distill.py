@@ -182,6 +182,7 @@ def _load_source(source) -> tuple[object, dict, str | None]:
     if not isinstance(source, (str, Path)):
         return copy.deepcopy(source), {"spec": None, "class": type(source).__name__}, None
     from compress.variants import read_record
+    from export.onnx import is_export_dir
     from sdwb.loading import load_pipeline, resolve_spec
 
     spec = str(source)
@@ -190,7 +191,7 @@ def _load_source(source) -> tuple[object, dict, str | None]:
     if record and record.get("stage") == "quantize":
         raise SdwbError(f"{spec}: a quantized variant ({record.get('method')}); distill its float parent "
                         f"({record.get('parent', {}).get('spec')}) and quantize the student")
-    if path is not None and (path / "manifest.json").is_file() and not (path / "model_index.json").exists():
+    if path is not None and is_export_dir(path):
         raise SdwbError(f"{spec}: an ONNX export; distillation trains a torch UNet: give the diffusers "
                         "pipeline or builtin model it was exported from")
     pipe = load_pipeline(spec, device="cpu", dtype=torch.float32)

@@ -24,12 +24,13 @@ Each fuser finds nothing in the other exporter's graph; the first that fuses any
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from compress.quant_ort import TWO_GB
+from compress.quant_ort import has_external_data
 from sdwb.errors import SdwbError
 
 _CUDA_ONLY_FUSIONS = (
@@ -136,10 +137,6 @@ def _infer_types(model):
     return len(model.graph.value_info)
 
 
-def _external(src: Path) -> bool:
-    return src.stat().st_size > TWO_GB or src.with_name(src.name + ".data").exists()
-
-
 def _fuse_with_onnxscript(src: Path, dst: Path) -> dict | None:
     """onnxscript's ORT fusions (dynamo graphs); None when they find no attention."""
     import onnx_ir as ir
@@ -147,11 +144,11 @@ def _fuse_with_onnxscript(src: Path, dst: Path) -> dict | None:
 
     model = ir.load(str(src))  # external weights stay memory-mapped
     optimize_for_ort(model)
-    counts = _count(node.op_type for node in model.graph)
+    counts = Counter(node.op_type for node in model.graph)
     if not counts.get("MultiHeadAttention"):
         return None
     dst.parent.mkdir(parents=True, exist_ok=True)
-    ir.save(model, str(dst), external_data=dst.name + ".data" if _external(src) else None)
+    ir.save(model, str(dst), external_data=dst.name + ".data" if has_external_data(src) else None)
     return {"fuser": "onnxscript.optimize_for_ort", **_summary(counts, split=0)}
 
 
@@ -174,25 +171,18 @@ def _fuse_with_ort_optimizer(src: Path, dst: Path) -> dict | None:
             use_gpu=False,
         )
     split = _split_self_attention(optimized.model)
-    counts = _count(n.op_type for n in optimized.model.graph.node)
+    counts = Counter(n.op_type for n in optimized.model.graph.node)
     if not counts.get("MultiHeadAttention"):
         return None
     typed = _infer_types(optimized.model)
     dst.parent.mkdir(parents=True, exist_ok=True)
     optimized.save_model_to_file(
-        str(dst), use_external_data_format=_external(src), all_tensors_to_one_file=True
+        str(dst), use_external_data_format=has_external_data(src), all_tensors_to_one_file=True
     )
     return {"fuser": "onnxruntime.transformers.optimizer", **_summary(counts, split), "typed_tensors": typed}
 
 
-def _count(op_types) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for op in op_types:
-        counts[op] = counts.get(op, 0) + 1
-    return counts
-
-
-def _summary(counts: dict[str, int], split: int) -> dict:
+def _summary(counts: Counter, split: int) -> dict:
     return {
         "multi_head_attention": counts.get("MultiHeadAttention", 0),
         "self_attention_split": split,

@@ -64,7 +64,7 @@ def _load_source(source) -> tuple[object, dict, str | None]:
     if not isinstance(source, (str, Path)):
         return copy.deepcopy(source), {"spec": None, "class": type(source).__name__}, None
     from compress.variants import read_record
-    from export.onnx import source_fingerprint
+    from export.onnx import is_export_dir, source_fingerprint
     from sdwb.loading import load_pipeline, resolve_spec
 
     spec = str(source)
@@ -75,7 +75,7 @@ def _load_source(source) -> tuple[object, dict, str | None]:
         grand = (record.get("parent") or {}).get("spec")
         raise SdwbError(f"{spec}: already {'quantized' if stage == 'quantize' else 'pruned'} "
                         f"({record.get('method')}); prune its parent ({grand}) instead")
-    if path is not None and (path / "manifest.json").is_file() and not (path / "model_index.json").exists():
+    if path is not None and is_export_dir(path):
         raise SdwbError(f"{spec}: an ONNX export; pruning needs the diffusers pipeline or builtin model "
                         "it was exported from")
     pipe = load_pipeline(spec, device="cpu", dtype=torch.float32)

@@ -69,7 +69,8 @@ def resolve_exclusions(model, config: QuantConfig) -> list[str]:
     return sorted(set(out))
 
 
-def _external(path: Path) -> bool:
+def has_external_data(path: Path) -> bool:
+    """Whether ``path`` (an ONNX file) keeps, or must keep, its weights in an external data file."""
     return path.stat().st_size > TWO_GB or path.with_name(path.name + ".data").exists()
 
 
@@ -88,7 +89,7 @@ def quantize_dynamic_file(src: Path, dst: Path, config: QuantConfig) -> dict:
             per_channel=config.per_channel,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
-            use_external_data_format=_external(src),
+            use_external_data_format=has_external_data(src),
             extra_options={"MatMulConstBOnly": True},
         )
     return {"excluded_nodes": exclude, "op_types": list(config.op_types), **_op_counts(dst)}
@@ -124,7 +125,7 @@ def quantize_static_file(src: Path, dst: Path, config: QuantConfig, reader) -> d
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
             calibrate_method=method,
-            use_external_data_format=_external(src),
+            use_external_data_format=has_external_data(src),
             extra_options=extra,
         )
     return {"excluded_nodes": exclude, "op_types": ops, "format": "QDQ", **_op_counts(dst)}

@@ -81,12 +81,9 @@ def _check_device(config: QuantConfig, device: str) -> None:
             )
 
 
-def _is_export(path: Path) -> bool:
-    return path.is_dir() and (path / "manifest.json").is_file() and not (path / "model_index.json").exists()
-
-
 def _float_source(source, backend: str):
     """(float torch pipeline or None, export dir or None, parent record)."""
+    from export.onnx import is_export_dir
     from sdwb.loading import load_pipeline, resolve_spec
 
     if not isinstance(source, (str, Path)):
@@ -100,7 +97,7 @@ def _float_source(source, backend: str):
             f"({record.get('parent', {}).get('spec')}) instead"
         )
     parent = {"spec": spec, "path": str(Path(path).resolve()) if path else None, "variant": record}
-    if path is not None and _is_export(path):
+    if path is not None and is_export_dir(path):
         if backend != "onnxruntime":
             raise SdwbError(
                 f"{spec}: an ONNX export; torch methods need a diffusers pipeline directory or builtin model"

@@ -85,6 +85,12 @@ def hash_files(root: Path, skip: Sequence[str] = (MANIFEST,)) -> dict[str, dict]
     }
 
 
+def is_export_dir(path: str | Path) -> bool:
+    """An ONNX export or ONNX Runtime variant: a manifest and no diffusers ``model_index.json``."""
+    path = Path(path)
+    return path.is_dir() and (path / MANIFEST).is_file() and not (path / "model_index.json").exists()
+
+
 def read_manifest(directory: str | Path, expected_format: str = FORMAT) -> dict:
     """The parsed ``manifest.json`` of an export directory (no hashing)."""
     directory = Path(directory)

@@ -217,7 +217,9 @@ def generate(
     recipe = recipe_from_dict(data, "command line")
     g = recipe.generate
     if backend == "auto":
-        backend = "onnxruntime" if _is_onnx_export(recipe.model) else "torch"
+        from export.onnx import is_export_dir
+
+        backend = "onnxruntime" if is_export_dir(recipe.model) else "torch"
     output = check_writable_file(output, IMAGE_SUFFIXES)
     device = _resolve_device(device)
 
@@ -263,14 +265,6 @@ def generate(
     }
     meta = atomic_write_json(output.with_suffix(".json"), record)
     typer.echo(f"wrote {output} ({len(images)} image{'s' if len(images) > 1 else ''}) and {meta}")
-
-
-def _is_onnx_export(model: str) -> bool:
-    """An ONNX export or ONNX Runtime variant: a directory with an export manifest, no diffusers index."""
-    from export.onnx import MANIFEST
-
-    path = Path(model)
-    return path.is_dir() and (path / MANIFEST).is_file() and not (path / "model_index.json").exists()
 
 
 def _generate_exported(backend: str, model: str, dtype: str, device: str, prompts: list[str],

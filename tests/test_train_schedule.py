@@ -1,19 +1,14 @@
 """The tiny-shapes noise schedule and UNet training targets (zero terminal SNR, v-prediction)."""
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler
 
 from sdwb.tiny_arch import scheduler_config
-from sdwb.train.unet import min_snr_weights, training_target
-
-
-def _ddpm():
-    config = {k: v for k, v in scheduler_config().items() if k not in ("set_alpha_to_one", "steps_offset")}
-    return DDPMScheduler(**config)
+from sdwb.train.unet import min_snr_weights, training_scheduler, training_target
 
 
 def test_last_training_step_carries_no_signal_so_layout_must_come_from_the_prompt():
-    sched = _ddpm()
+    sched = training_scheduler()
     assert float(sched.alphas_cumprod[-1]) == 0.0
     x0, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
     t = torch.tensor([999, 999])
@@ -30,7 +25,7 @@ def test_sampling_starts_at_pure_noise():
 
 
 def test_v_weights_keep_the_highest_noise_levels_trained():
-    sched = _ddpm()
+    sched = training_scheduler()
     t = torch.tensor([0, 250, 500, 750, 999])
     w = min_snr_weights(sched, t, gamma=5.0)
     assert torch.all(w > 0) and torch.all(w <= 1.0 + 1e-6)

@@ -99,6 +99,15 @@ def min_snr_weights(
     return (torch.clamp(snr, max=gamma) / snr).float()
 
 
+def training_scheduler():
+    """The DDPM schedule the UNet trains on: tiny-shapes' scheduler config minus sampling-only keys."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        **{k: v for k, v in scheduler_config().items() if k not in ("set_alpha_to_one", "steps_offset")}
+    )
+
+
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
     """What the UNet learns to predict: the noise (epsilon) or the velocity (v_prediction)."""
     if scheduler.config.prediction_type == "v_prediction":
@@ -108,7 +117,7 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
 
 def train_unet(cfg: BaselineTrainConfig, vae, tokenizer, work_dir: Path, accelerator, progress=True):
     """Train UNet + text encoder; returns (unet, text_encoder) in fp32 with the EMA weights."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     uc = cfg.unet
@@ -118,9 +127,7 @@ def train_unet(cfg: BaselineTrainConfig, vae, tokenizer, work_dir: Path, acceler
         CLIPTextConfig(**text_encoder_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id))
     )
     denoiser = _Denoiser(unet, text_encoder)
-    noise_scheduler = DDPMScheduler(
-        **{k: v for k, v in scheduler_config().items() if k not in ("set_alpha_to_one", "steps_offset")}
-    )
+    noise_scheduler = training_scheduler()
     pool = build_latent_pool(vae, tokenizer, uc.latent_pool, work_dir / "latent_pool.safetensors", progress)
     empty_ids = tokenize([""], tokenizer)[0]
     scaling = vae.config.scaling_factor
