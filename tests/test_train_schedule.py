@@ -32,3 +32,42 @@ def test_v_weights_keep_the_highest_noise_levels_trained():
     assert float(w[-1]) == 1.0  # plain Min-SNR for v would give 0 here
     assert float(w[0]) < 0.05  # the near-clean end is down-weighted (capped at gamma)
     assert torch.equal(min_snr_weights(sched, t, None), torch.ones(5))
+
+
+def test_caption_dropout_curriculum_switches_at_its_step_fractions():
+    from sdwb.train.config import UnetTrain
+
+    uc = UnetTrain(
+        steps=100,
+        caption_dropout=0.1,
+        min_snr_gamma=5.0,
+        phases=[
+            {"start": 0.6, "caption_dropout": 0.3, "min_snr_gamma": None},
+            {"start": 0.8, "caption_dropout": 0.5, "min_snr_gamma": None},
+        ],
+    )
+    assert uc.phase_at(0) == (0.1, 5.0)
+    assert uc.phase_at(59) == (0.1, 5.0)
+    assert uc.phase_at(60) == (0.3, None)
+    assert uc.phase_at(80) == (0.5, None)
+    assert uc.phase_at(99) == (0.5, None)
+    assert UnetTrain(steps=10).phase_at(9) == (0.1, 5.0)  # no phases: the top-level values throughout
+
+
+def test_curriculum_phases_out_of_order_are_a_config_error(tmp_path):
+    import pytest
+
+    from sdwb.errors import SdwbError
+    from sdwb.train.config import load_train_config
+
+    bad = tmp_path / "train.yaml"
+    bad.write_text(
+        "unet:\n  phases:\n"
+        "    - {start: 0.8, caption_dropout: 0.5}\n"
+        "    - {start: 0.6, caption_dropout: 0.3}\n"
+    )
+    with pytest.raises(SdwbError, match="unet: .*phases must start at strictly increasing"):
+        load_train_config(bad)
+    bad.write_text("unet:\n  phases:\n    - {start: 1.5, caption_dropout: 0.5}\n")
+    with pytest.raises(SdwbError, match="unet.phases.0.start"):
+        load_train_config(bad)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sdwb.errors import SdwbError
 
@@ -43,6 +43,14 @@ class VaeTrain(_Strict):
     )
 
 
+class UnetPhase(_Strict):
+    """From ``start`` (a fraction of the UNet steps) on: this caption dropout and loss weighting."""
+
+    start: float = Field(ge=0, lt=1, description="fraction of unet.steps where this phase begins")
+    caption_dropout: float = Field(ge=0, lt=1)
+    min_snr_gamma: float | None = None
+
+
 class UnetTrain(_Strict):
     steps: int = Field(3500, ge=1)
     batch: int = Field(64, ge=1)
@@ -55,6 +63,28 @@ class UnetTrain(_Strict):
         1.0, gt=0, description="v-prediction: the Min-SNR weight's SNR floor (keeps zero-SNR steps trained)"
     )
     latent_pool: int = Field(32768, ge=1, description="pre-encoded training images (random templates)")
+    lr_floor: float = Field(0.1, ge=0, le=1, description="cosine decay ends at this fraction of lr")
+    phases: list[UnetPhase] = Field(
+        default_factory=list,
+        description="later phases that change caption_dropout / min_snr_gamma (a curriculum); "
+        "before the first one, the top-level values apply",
+    )
+
+    @model_validator(mode="after")
+    def _phases_in_order(self) -> UnetTrain:
+        starts = [p.start for p in self.phases]
+        if starts != sorted(set(starts)):
+            raise ValueError(f"phases must start at strictly increasing fractions, got {starts}")
+        return self
+
+    def phase_at(self, step: int) -> tuple[float, float | None]:
+        """(caption_dropout, min_snr_gamma) in force at ``step``: a pure function of the step, so a
+        resumed run continues the curriculum exactly where it was killed."""
+        dropout, gamma = self.caption_dropout, self.min_snr_gamma
+        for phase in self.phases:
+            if step >= phase.start * self.steps:
+                dropout, gamma = phase.caption_dropout, phase.min_snr_gamma
+        return dropout, gamma
 
 
 class EvalConfig(_Strict):

@@ -139,13 +139,14 @@ def train_unet(cfg: BaselineTrainConfig, vae, tokenizer, work_dir: Path, acceler
 
     def step_fn(step: int) -> dict[str, float]:
         for g in optimizer.param_groups:
-            g["lr"] = uc.lr * cosine_lr(step, uc.steps, uc.warmup)
+            g["lr"] = uc.lr * cosine_lr(step, uc.steps, uc.warmup, uc.lr_floor)
+        caption_dropout, min_snr_gamma = uc.phase_at(step)
         gen = step_generator(cfg.seed, step * world + rank, stream=200)
         idx = torch.randint(0, len(pool["mean"]), (uc.batch,), generator=gen)
         latents = pool["mean"][idx] + pool["std"][idx] * torch.randn(pool["mean"][idx].shape, generator=gen)
         latents = latents * scaling
         ids = pool["input_ids"][idx].clone()
-        ids[torch.rand(uc.batch, generator=gen) < uc.caption_dropout] = empty_ids
+        ids[torch.rand(uc.batch, generator=gen) < caption_dropout] = empty_ids
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (uc.batch,), generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, t)
@@ -153,7 +154,7 @@ def train_unet(cfg: BaselineTrainConfig, vae, tokenizer, work_dir: Path, acceler
             pred = model(noisy.to(device), t.to(device), ids.to(device)).float()
         target = training_target(noise_scheduler, latents, noise, t)
         per_sample = F.mse_loss(pred, target.to(device), reduction="none").mean(dim=(1, 2, 3))
-        weights = min_snr_weights(noise_scheduler, t, uc.min_snr_gamma, uc.min_snr_floor)
+        weights = min_snr_weights(noise_scheduler, t, min_snr_gamma, uc.min_snr_floor)
         loss = (per_sample * weights.to(device)).mean()
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
