@@ -29,7 +29,7 @@ def bench_command(
     dtype: Annotated[Optional[str], typer.Option(help="fp32 | bf16 | fp16.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps.")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale.")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="ddim | euler | dpmpp.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="ddim | euler | dpmpp | lcm.")] = None,
     prompts: Annotated[Optional[int], typer.Option("--prompts", help="Number of prompts.")] = None,
     prompt_set: Annotated[
         Optional[str], typer.Option("--prompt-set", help="builtin:shapes-eval or a text file.")

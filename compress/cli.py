@@ -135,7 +135,10 @@ def distill_command(
     model: Annotated[
         str, typer.Option("--model", "-m", help="Teacher: builtin:NAME, a diffusers dir or a cached hub id.")
     ] = "builtin:tiny-shapes",
-    method: Annotated[Optional[str], typer.Option(help="progressive (rounds of N -> N/2 steps).")] = None,
+    method: Annotated[
+        Optional[str],
+        typer.Option(help="progressive (rounds of N -> N/2 steps) | lcm (latent consistency, one run)."),
+    ] = None,
     teacher_steps: Annotated[Optional[int], typer.Option(help="Teacher DDIM steps (default 64).")] = None,
     student_steps: Annotated[
         Optional[int], typer.Option(help="Student DDIM steps; teacher/student a power of two (default 4).")
@@ -159,7 +162,8 @@ def distill_command(
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
-    """Step-distil a model: progressive distillation (N -> N/2 per round), optionally guidance-distilled.
+    """Step-distil a model: progressive distillation (N -> N/2 per round), optionally guidance-distilled,
+    or latent consistency distillation (--method lcm: guidance distilled in, sampled with LCMScheduler).
 
     Resumable: re-run the same command after an interruption and it continues from the last
     checkpoint. The student is a diffusers directory + sdwb.json whose inference defaults (steps,

@@ -9,6 +9,10 @@ student sees only the prompt, so the student samples with guidance 1.0: one UNet
 B per step. Without it, prompts are dropped at ``caption_dropout`` so the student keeps its
 unconditional branch and is sampled with CFG at ``guidance``.
 
+With ``method: lcm`` there is one "round": latent consistency distillation against the guided
+teacher's ``teacher_steps`` grid (:mod:`compress.lcm`), an EMA target network beside the student,
+saved with diffusers' ``LCMScheduler``.
+
 Only the UNet trains; the VAE and text encoder are the source's, frozen. Data: the shapes train
 stream encoded once by the model's own VAE into a latent pool (posterior mean and std, a fresh
 draw each step), captions tokenized as ``StableDiffusionPipeline`` does. Every random draw is a
@@ -50,6 +54,7 @@ from compress.ddim_targets import (
     student_target,
 )
 from compress.distill_config import DistillConfig, resolved
+from compress.lcm import check_lcm_grid, lcm_loss, update_target
 from sdwb.errors import SdwbError
 
 STUDENT_FILE = "student.safetensors"
@@ -77,6 +82,9 @@ class RoundPlan:
     prediction_type: str
     weighting: str
     precision: str = "fp32"
+    method: str = "progressive"  # lcm: ``teacher`` is the ODE grid, ``student`` unused in training
+    num_train: int = 1000
+    huber_c: float = 0.001
 
 
 # --------------------------------------------------------------------------- the loss
@@ -215,7 +223,7 @@ def _absorbed_guidance(config: DistillConfig, parent: dict) -> float | None:
         raise SdwbError(f"{parent['spec']}: a {known['steps']}-step student; distil it further with "
                         f"--teacher-steps {known['steps']} (got {config.teacher_steps})")
     absorbed = known.get("guidance_distilled")
-    if config.guidance_distill and absorbed:
+    if config.guidance_distill and absorbed and config.method != "lcm":
         raise SdwbError(f"{parent['spec']}: guidance {absorbed:g} is already distilled into it; use "
                         "--no-guidance-distill (its students keep guidance 1.0)")
     return absorbed
@@ -261,6 +269,8 @@ class _Round:
         self.teacher, self.student, self.text_encoder = teacher, student, text_encoder
         self.pool, self.empty_ids, self.scaling = pool, empty_ids, scaling
         self.accelerator = accelerator
+        # lcm: the target network (an EMA of the student, stop-gradient) the consistency target uses
+        self.target = (copy.deepcopy(student).eval().requires_grad_(False) if plan.method == "lcm" else None)
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
         from sdwb.train.common import EMA
@@ -286,7 +296,8 @@ class _Round:
         drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
         if self.drop_captions:  # a student sampled with CFG keeps its unconditional branch
             ids[drop] = self.empty_ids
-        j = torch.randint(0, self.plan.student.steps, (cfg.batch,), generator=gen)
+        points = self.plan.teacher.steps if self.plan.method == "lcm" else self.plan.student.steps
+        j = torch.randint(0, points, (cfg.batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         device = acc.device
         cond = self._embed(ids)
@@ -297,14 +308,32 @@ class _Round:
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * lr_factor
         x0, noise, j, cond, uncond = self.batch(step)
-        loss, per_sample = round_loss(self.model, self.teacher, x0, noise, j, cond, uncond, self.plan)
+        if self.plan.method == "lcm":
+            loss, per_sample = self._lcm_loss(x0, noise, j, cond, uncond)
+        else:
+            loss, per_sample = round_loss(self.model, self.teacher, x0, noise, j, cond, uncond, self.plan)
         self.accelerator.backward(loss)
         self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.student, step)
+        if self.target is not None:
+            update_target(self.target, self.student, self.config.target_ema)
+            return {"loss": loss.item()}
         return {"loss": loss.item(), "x0_mse": per_sample.mean().item()}
+
+    def _lcm_loss(self, x0, noise, n, cond, uncond):
+        plan = self.plan
+
+        def teacher_fn(z, t):
+            return teacher_prediction(self.teacher, z, t, cond, uncond, plan.guidance, plan.precision)
+
+        def unet_fn(model, z, t):
+            return _unet(model, z, t, cond, plan.precision)
+
+        return lcm_loss(self.model, self.target, teacher_fn, unet_fn, x0, noise, n, plan.teacher,
+                        plan.num_train, plan.prediction_type, plan.huber_c)
 
 
 def _train_round(rnd: _Round, directory: Path, log_path: Path, progress: bool) -> dict:
@@ -313,7 +342,8 @@ def _train_round(rnd: _Round, directory: Path, log_path: Path, progress: bool) -
 
     cfg = rnd.config
     kind, amount = cfg.budget_kind
-    ckpt = Checkpointer(directory / "checkpoint", {"unet": rnd.student}, rnd.optimizer, ema=rnd.ema)
+    modules = {"unet": rnd.student} if rnd.target is None else {"unet": rnd.student, "target": rnd.target}
+    ckpt = Checkpointer(directory / "checkpoint", modules, rnd.optimizer, ema=rnd.ema)
     step = ckpt.load()
     state = {"elapsed_s": 0.0, "loss_first": None}
     if step:
@@ -378,6 +408,16 @@ def inference_defaults(config: DistillConfig, absorbed: float | None = None) -> 
     the guidance scale its (distilled) source already had distilled in."""
     distilled = config.guidance if config.guidance_distill else absorbed
     guidance = 1.0 if distilled else config.guidance
+    if config.method == "lcm":  # LCMScheduler on the teacher's grid (its saved scheduler config)
+        return {
+            "steps": config.student_steps,
+            "scheduler": "lcm",
+            "guidance": guidance,
+            "original_inference_steps": config.teacher_steps,
+            "guidance_distilled": absorbed or distilled,
+            "unet_calls_per_step": 1,
+            "unet_batch_per_image": 2 if guidance > 1.0 else 1,
+        }
     return {
         "steps": config.student_steps,
         "scheduler": "ddim",
@@ -419,12 +459,17 @@ def distill(
         raise SdwbError("the UNet has time_cond_proj_dim (a guidance-embedding student): not supported")
     sched_config = student_scheduler_config(pipe.scheduler.config)
     plans = []
+    num_train = sched_config["num_train_timesteps"]
     for r, (n_teacher, n_student) in enumerate(config.round_steps()):
         teacher_grid, student_grid = ddim_grid(sched_config, n_teacher), ddim_grid(sched_config, n_student)
-        check_nested(teacher_grid, student_grid)
-        plans.append(RoundPlan(teacher_grid, student_grid,
-                               config.guidance if config.guidance_distill and r == 0 else 1.0,
-                               sched_config["prediction_type"], config.weighting, config.precision))
+        if config.method == "lcm":
+            check_lcm_grid(teacher_grid, num_train)
+        else:
+            check_nested(teacher_grid, student_grid)
+        guided = config.guidance_distill and r == 0 and not absorbed
+        plans.append(RoundPlan(teacher_grid, student_grid, config.guidance if guided else 1.0,
+                               sched_config["prediction_type"], config.weighting, config.precision,
+                               config.method, num_train, config.huber_c))
     _prepare_work(work, config, fingerprint)
 
     from sdwb.train.common import make_accelerator
@@ -468,9 +513,12 @@ def distill(
         current = student.eval().requires_grad_(False)
     pipe.unet = current.cpu().float()
     pipe.text_encoder = text_encoder.cpu()
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, LCMScheduler
 
-    pipe.scheduler = DDIMScheduler.from_config(sched_config)
+    if config.method == "lcm":
+        pipe.scheduler = LCMScheduler.from_config(sched_config, original_inference_steps=config.teacher_steps)
+    else:
+        pipe.scheduler = DDIMScheduler.from_config(sched_config)
     from sdwb.inference import attach
 
     inference = inference_defaults(config, absorbed)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sdwb.errors import SdwbError
 
-METHODS = ("progressive",)
+METHODS = ("progressive", "lcm")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*$")
 _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -44,11 +44,14 @@ def parse_budget(value: Union[int, str]) -> tuple[str, float]:
 
 class DistillConfig(BaseModel):
     """Progressive distillation (Salimans & Ho 2022), optionally with guidance distillation
-    (Meng et al. 2023) in the first round: ``teacher_steps`` -> ... -> ``student_steps``."""
+    (Meng et al. 2023) in the first round: ``teacher_steps`` -> ... -> ``student_steps``; or latent
+    consistency distillation (``method: lcm``, Luo et al. 2023): one run against the guided
+    teacher's ``teacher_steps``-point ODE grid, sampled with ``LCMScheduler`` in ``student_steps``."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    method: Literal["progressive"] = Field("progressive", description="progressive (halving rounds)")
+    method: Literal["progressive", "lcm"] = Field(
+        "progressive", description="progressive (halving rounds) | lcm (latent consistency distillation)")
     teacher_steps: int = Field(64, ge=2, le=1000, description="DDIM steps of the teacher in round 1")
     student_steps: int = Field(4, ge=1, le=500, description="DDIM steps of the final student")
     guidance_distill: bool = Field(
@@ -73,6 +76,9 @@ class DistillConfig(BaseModel):
         "unused with guidance_distill, whose student never sees an empty prompt")
     latent_pool: int = Field(4096, ge=1, description="train-stream images pre-encoded by the model's VAE")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast for the UNet calls")
+    target_ema: float = Field(
+        0.95, gt=0.0, lt=1.0, description="lcm: EMA decay of the target network (stop-gradient) per step")
+    huber_c: float = Field(0.001, gt=0.0, description="lcm: pseudo-Huber loss constant")
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
 
@@ -85,6 +91,15 @@ class DistillConfig(BaseModel):
     @model_validator(mode="after")
     def _schedule(self) -> DistillConfig:
         teacher, student = self.teacher_steps, self.student_steps
+        if self.method == "lcm":
+            if student > teacher:
+                raise ValueError(f"student_steps {student} must be at most teacher_steps {teacher} (the "
+                                 "LCMScheduler picks its steps from the teacher's grid)")
+            if "guidance_distill" in self.model_fields_set and not self.guidance_distill:
+                raise ValueError("method lcm always distils guidance (the student samples with guidance "
+                                 "1.0); drop guidance_distill: false, or set guidance: 1.0 for none")
+            self.guidance_distill = True
+            return self
         if student >= teacher:
             raise ValueError(
                 f"student_steps {student} must be fewer than teacher_steps {teacher} (each round halves "
@@ -99,11 +114,15 @@ class DistillConfig(BaseModel):
 
     @property
     def rounds(self) -> int:
-        """Number of halving rounds."""
+        """Number of halving rounds (lcm: one run)."""
+        if self.method == "lcm":
+            return 1
         return int(math.log2(self.teacher_steps // self.student_steps))
 
     def round_steps(self) -> list[tuple[int, int]]:
-        """``[(teacher N, student N/2), ...]`` for every round, in order."""
+        """``[(teacher N, student N/2), ...]`` for every round, in order; lcm: ``[(N, student_steps)]``."""
+        if self.method == "lcm":
+            return [(self.teacher_steps, self.student_steps)]
         return [(self.teacher_steps >> r, self.teacher_steps >> (r + 1)) for r in range(self.rounds)]
 
     @property

@@ -175,7 +175,7 @@ def generate(
     ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of image 0; image k uses seed+k.")] = None,
     scheduler: Annotated[
-        Optional[str], typer.Option(help="ddim | euler | dpmpp (default: the model's, else ddim).")
+        Optional[str], typer.Option(help="ddim | euler | dpmpp | lcm (default: the model's, else ddim).")
     ] = None,
     batch: Annotated[Optional[int], typer.Option(help="Images per prompt (default 1).")] = None,
     height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: model's).")] = None,

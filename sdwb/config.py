@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sdwb.errors import SdwbError
 
-Scheduler = Literal["ddim", "euler", "dpmpp"]
+Scheduler = Literal["ddim", "euler", "dpmpp", "lcm"]
 Backend = Literal["torch", "onnxruntime", "tensorrt"]
 DType = Literal["fp32", "bf16", "fp16"]
 

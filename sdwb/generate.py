@@ -15,12 +15,15 @@ import torch
 
 from sdwb.errors import SdwbError
 
-SCHEDULERS = ("ddim", "euler", "dpmpp")
+SCHEDULERS = ("ddim", "euler", "dpmpp", "lcm")
 
 
 def make_scheduler(name: str, config):
-    """A fresh scheduler of kind ``name`` (ddim | euler | dpmpp) built from a scheduler ``config``."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    """A fresh scheduler of kind ``name`` (ddim | euler | dpmpp | lcm) built from a scheduler ``config``.
+
+    ``lcm`` is for consistency-distilled students (``compress distill --method lcm``): their saved
+    ``LCMScheduler`` config carries the teacher grid (``original_inference_steps``)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
 
     key = name.lower().replace("-", "").replace("+", "p")
     if key == "ddim":
@@ -29,6 +32,8 @@ def make_scheduler(name: str, config):
         return EulerDiscreteScheduler.from_config(config)
     if key in ("dpmpp", "dpmsolverpp"):
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    if key == "lcm":
+        return LCMScheduler.from_config(config)
     raise SdwbError(f"unknown scheduler '{name}': expected one of {', '.join(SCHEDULERS)}")
 
 

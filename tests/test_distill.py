@@ -247,6 +247,8 @@ def test_shipped_distill_configs_are_valid():
     four = load_distill_config(root / "distill4.yaml")
     assert four.round_steps() == [(32, 16), (16, 8), (8, 4)] and four.guidance_distill
     assert four.guidance == 7.5
+    lcm = load_distill_config(root / "lcm4.yaml")
+    assert lcm.method == "lcm" and lcm.round_steps() == [(50, 4)] and lcm.guidance_distill
 
 
 def test_onnx_export_of_a_student_keeps_its_defaults(student_dir, tmp_path, capsys):
@@ -278,6 +280,8 @@ def test_onnx_export_of_a_student_keeps_its_defaults(student_dir, tmp_path, caps
         (["--teacher-steps", "8", "--student-steps", "8"], "fewer than"),
         (["--teacher-steps", "4", "--student-steps", "8"], "fewer than"),
         (["--method", "lcm-ish"], "unknown method"),
+        (["--method", "lcm", "--no-guidance-distill"], "always distils guidance"),
+        (["--method", "lcm", "--teacher-steps", "8", "--student-steps", "16"], "at most teacher_steps"),
         (["--budget", "10 parsecs"], "budget"),
         (["--set", "student_step=4"], "unknown key"),
     ],
@@ -303,3 +307,97 @@ def test_unshipped_4step_builtin_names_the_command_that_makes_it(monkeypatch, tm
         load_pipeline("builtin:tiny-shapes-4step")
     text = str(e.value)
     assert "\n" not in text and "not been trained" in text and "sdwb compress distill" in text
+
+
+# --------------------------------------------------------------------------- latent consistency (lcm)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_consistency_output_is_lcm_schedulers_denoised(tiny, prediction_type):
+    """The student is trained on the quantity LCMScheduler.step calls ``denoised`` (its one-step
+    sample), so plain diffusers samples it correctly."""
+    from diffusers import LCMScheduler
+
+    from compress.lcm import boundary_scalings, consistency_output
+
+    config = {**student_scheduler_config(tiny.scheduler.config), "prediction_type": prediction_type}
+    sched = LCMScheduler.from_config(config, original_inference_steps=50)
+    sched.set_timesteps(4)
+    grid = ddim_grid(config, 50)
+    gen = torch.Generator().manual_seed(4)
+    for t in sched.timesteps.tolist():
+        z, pred = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 4, 8, 8, generator=gen)
+        assert t in grid.timesteps.tolist()  # the LCM sampler's steps lie on the teacher's grid
+        sched._step_index = None
+        expected = sched.step(pred, t, z).denoised
+        abar = sched.alphas_cumprod[t].reshape(1)
+        ours = consistency_output(pred, z, torch.tensor([t]), abar, prediction_type)
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    c_skip, c_out = boundary_scalings(torch.tensor([-1, 0, 19, 999]))
+    assert c_skip[0] == c_skip[1] == 1.0 and c_out[0] == c_out[1] == 0.0  # identity at the boundary
+    assert c_out[3] > 0.99
+
+
+def test_lcm_loss_goes_down_on_a_fixed_batch(tiny):
+    from compress.distill import _unet
+    from compress.lcm import lcm_loss, update_target
+
+    config = student_scheduler_config(tiny.scheduler.config)
+    grid = ddim_grid(config, 50)
+    gen = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(4, 4, 16, 16, generator=gen), torch.randn(4, 4, 16, 16, generator=gen)
+    n = torch.tensor([0, 10, 30, 49])  # 49: the last point, whose target is the teacher's own step
+    cond, uncond = _cond(tiny, PROMPTS * 2), _cond(tiny, [""] * 4)
+    student = copy.deepcopy(tiny.unet).train().requires_grad_(True)
+    target = copy.deepcopy(tiny.unet).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-4)
+
+    def teacher_fn(z, t):
+        return teacher_prediction(tiny.unet, z, t, cond, uncond, 3.0)
+
+    def unet_fn(model, z, t):
+        return _unet(model, z, t, cond, "fp32")
+
+    losses = []
+    for _ in range(12):
+        loss, _ = lcm_loss(student, target, teacher_fn, unet_fn, x0, noise, n, grid, 1000, "epsilon", 1e-3)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        update_target(target, student, 0.95)
+        losses.append(loss.item())
+    assert losses[0] > 0 and all(map(torch.isfinite, map(torch.tensor, losses)))
+    assert losses[-1] < 0.7 * losses[0], losses
+    moved = target.state_dict()["conv_in.weight"] - tiny.unet.state_dict()["conv_in.weight"]
+    assert moved.abs().max() > 0  # the target network follows the student
+
+
+def test_lcm_student_samples_with_lcm_scheduler_one_call_per_step(tiny_pipeline_dir, tmp_path):
+    from diffusers import LCMScheduler
+
+    from sdwb.generate import generate
+    from sdwb.inference import for_spec
+    from sdwb.loading import load_pipeline
+
+    cfg = parse_distill_config({"method": "lcm", "teacher_steps": 50, "student_steps": 4, **FAST})
+    out = tmp_path / "lcm4"
+    result = distill(str(tiny_pipeline_dir), cfg, out, progress=False)
+    assert result.rounds[0]["guidance_teacher"] == 7.5 and result.rounds[0]["optimizer_steps"] == 3
+    record = json.loads((out / "sdwb.json").read_text())
+    assert record["method"] == "lcm" and record["inference"]["original_inference_steps"] == 50
+    assert for_spec(str(out)) == {"steps": 4, "scheduler": "lcm", "guidance": 1.0}
+    pipe = load_pipeline(str(out))
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.scheduler.config.original_inference_steps == 50
+    batches = []
+    pipe.unet.register_forward_hook(lambda _m, args, _out: batches.append(args[0].shape[0]))
+    first = generate(pipe, PROMPTS, batch=2, progress=False)
+    assert batches == [2] * 4  # guidance distilled in: one call of batch B per step, 4 steps
+    again = generate(pipe, PROMPTS, batch=1, progress=False)  # LCM re-noises: still seeded per image
+    assert [a.tobytes() for a in first] == [b.tobytes() for b in again]
+
+
+def test_lcm_teacher_grid_must_divide_the_training_timesteps(tiny_pipeline_dir, tmp_path):
+    cfg = parse_distill_config({"method": "lcm", "teacher_steps": 48, "student_steps": 4, **FAST})
+    with pytest.raises(SdwbError, match="divides the 1000 training timesteps"):
+        distill(str(tiny_pipeline_dir), cfg, tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
