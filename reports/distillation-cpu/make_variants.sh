@@ -2,19 +2,25 @@
 # Make every step-distilled student the distillation-cpu benchmark reads (runs/ is git-ignored).
 #   bash reports/distillation-cpu/make_variants.sh gd  [BUDGET]   # guidance-distilled chain 32 -> 16 -> 8 -> 4 -> 2
 #   bash reports/distillation-cpu/make_variants.sh cfg [BUDGET]   # plain chain (CFG at sampling)   32 -> ... -> 2
-# BUDGET: optimizer steps per round (default 400). Each command is resumable; a finished student
+#   bash reports/distillation-cpu/make_variants.sh lcm [BUDGET]   # latent consistency, one run on the 50-step grid
+# BUDGET: optimizer steps per round (default 400; lcm: of its one run, default 1200). Each command is resumable; a finished student
 # is skipped. Set OMP_NUM_THREADS=1 to run the two chains side by side on a 2-core machine.
 # Each chain distils the previous student further, so the teacher of 8 -> 4 is the 8-step student.
 set -euo pipefail
-chain="${1:?usage: $0 gd|cfg [BUDGET]}"
-budget="${2:-400}"
+chain="${1:?usage: $0 gd|cfg|lcm [BUDGET]}"
 D=runs/distill/tiny-shapes
 C=configs/distill/distill4.yaml
 mkdir -p "$D"
+if [ "$chain" = lcm ]; then
+  [ -f "$D/lcm-4step/sdwb.json" ] || \
+    sdwb compress distill -c configs/distill/lcm4.yaml --budget "${2:-1200}" -o "$D/lcm-4step"
+  exit 0
+fi
+budget="${2:-400}"
 case "$chain" in
   gd)  first=(--guidance-distill) ;;
   cfg) first=(--no-guidance-distill) ;;
-  *)   echo "usage: $0 gd|cfg [BUDGET]" >&2; exit 2 ;;
+  *)   echo "usage: $0 gd|cfg|lcm [BUDGET]" >&2; exit 2 ;;
 esac
 [ -f "$D/$chain-8step/sdwb.json" ] || \
   sdwb compress distill -c $C "${first[@]}" --teacher-steps 32 --student-steps 8 --budget "$budget" -o "$D/$chain-8step"
