@@ -71,3 +71,16 @@ def test_curriculum_phases_out_of_order_are_a_config_error(tmp_path):
     bad.write_text("unet:\n  phases:\n    - {start: 1.5, caption_dropout: 0.5}\n")
     with pytest.raises(SdwbError, match="unet.phases.0.start"):
         load_train_config(bad)
+
+
+def test_fast_with_a_config_file_keeps_its_settings_at_the_fast_sizes():
+    from pathlib import Path
+
+    from sdwb.train.config import fast_config, load_train_config
+
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "baseline" / "tiny-shapes.yaml"
+    full, fast = load_train_config(shipped), load_train_config(shipped, fast=True)
+    assert fast.unet.steps == fast_config().unet.steps < full.unet.steps
+    assert fast.judge.eval_images == fast_config().judge.eval_images
+    assert fast.unet.phases == full.unet.phases and fast.unet.lr_floor == full.unet.lr_floor
+    assert fast.unet.lr == full.unet.lr and fast.vae.kl_weight == full.vae.kl_weight

@@ -121,7 +121,10 @@ def fast_config() -> BaselineTrainConfig:
 
 
 def load_train_config(path: str | Path | None, fast: bool = False) -> BaselineTrainConfig:
-    """The config from a YAML file (unknown keys are errors), or the defaults / the fast preset."""
+    """The config from a YAML file (unknown keys are errors), or the defaults / the fast preset.
+
+    With both a file and ``fast``, the file's settings (learning rates, curriculum, ...) are kept
+    and only the sizes the fast preset sets (steps, batches, pools, eval counts) replace them."""
     if path is None:
         return fast_config() if fast else BaselineTrainConfig()
     path = Path(path)
@@ -131,9 +134,10 @@ def load_train_config(path: str | Path | None, fast: bool = False) -> BaselineTr
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise SdwbError(f"{path}: malformed YAML: {str(exc).splitlines()[0]}") from exc
-    base = fast_config().model_dump() if fast else {}
+    if fast:  # the file's settings at the fast preset's sizes (steps, batches, pools, eval counts)
+        data = _merge(data, fast_config().model_dump(exclude_unset=True))
     try:
-        return BaselineTrainConfig.model_validate(_merge(base, data))
+        return BaselineTrainConfig.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
