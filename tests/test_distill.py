@@ -394,6 +394,20 @@ def test_lcm_student_samples_with_lcm_scheduler_one_call_per_step(tiny_pipeline_
     assert batches == [2] * 4  # guidance distilled in: one call of batch B per step, 4 steps
     again = generate(pipe, PROMPTS, batch=1, progress=False)  # LCM re-noises: still seeded per image
     assert [a.tobytes() for a in first] == [b.tobytes() for b in again]
+    # exported, it keeps the LCM sampler and matches torch on ONNX Runtime
+    import numpy as np
+
+    from export.onnx import export_onnx
+    from export.ort import OrtStableDiffusionPipeline, generate_ort
+
+    onnx_dir = tmp_path / "onnx"
+    export_onnx(str(out), onnx_dir, components=["text_encoder", "unet", "vae_decoder"])
+    assert for_spec(str(onnx_dir)) == {"steps": 4, "scheduler": "lcm", "guidance": 1.0}
+    ort = OrtStableDiffusionPipeline.from_export(onnx_dir)
+    ort_images = generate_ort(ort, PROMPTS, steps=4, guidance=1.0, scheduler="lcm", progress=False)
+    for a, b in zip(first, ort_images):
+        diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+        assert diff.max() <= 2, diff.max()
 
 
 def test_lcm_teacher_grid_must_divide_the_training_timesteps(tiny_pipeline_dir, tmp_path):
