@@ -126,10 +126,14 @@ def test_round_loss_goes_down_on_a_fixed_batch(tiny):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_pipeline_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["progressive", "lcm"])
+def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_pipeline_dir, tmp_path, monkeypatch,
+                                                               method):
+    """lcm: the target network is checkpointed too, so the resumed run is bit-identical as well."""
     from compress import distill as distill_mod
 
-    cfg = parse_distill_config({"teacher_steps": 4, "student_steps": 2, **{**FAST, "budget": 4}})
+    settings = {**FAST, "budget": 4, "method": method}
+    cfg = parse_distill_config({"teacher_steps": 4, "student_steps": 2, **settings})
     whole = distill(str(tiny_pipeline_dir), cfg, work_dir=tmp_path / "whole", progress=False)
     original = distill_mod._Round.step
 
