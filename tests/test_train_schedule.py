@@ -51,7 +51,7 @@ def test_caption_dropout_curriculum_switches_at_its_step_fractions():
     assert uc.phase_at(60) == (0.3, None)
     assert uc.phase_at(80) == (0.5, None)
     assert uc.phase_at(99) == (0.5, None)
-    assert UnetTrain(steps=10).phase_at(9) == (0.1, 5.0)  # no phases: the top-level values throughout
+    assert UnetTrain(steps=10, phases=[]).phase_at(9) == (0.1, 5.0)  # no phases: top-level values throughout
 
 
 def test_curriculum_phases_out_of_order_are_a_config_error(tmp_path):

@@ -51,8 +51,15 @@ class UnetPhase(_Strict):
     min_snr_gamma: float | None = None
 
 
+def _shipped_curriculum() -> list[UnetPhase]:
+    return [
+        UnetPhase(start=0.6, caption_dropout=0.3, min_snr_gamma=None),
+        UnetPhase(start=0.8, caption_dropout=0.5, min_snr_gamma=None),
+    ]
+
+
 class UnetTrain(_Strict):
-    steps: int = Field(3500, ge=1)
+    steps: int = Field(3700, ge=1)
     batch: int = Field(64, ge=1)
     lr: float = Field(5e-4, gt=0)
     warmup: int = Field(200, ge=0)
@@ -63,9 +70,9 @@ class UnetTrain(_Strict):
         1.0, gt=0, description="v-prediction: the Min-SNR weight's SNR floor (keeps zero-SNR steps trained)"
     )
     latent_pool: int = Field(32768, ge=1, description="pre-encoded training images (random templates)")
-    lr_floor: float = Field(0.1, ge=0, le=1, description="cosine decay ends at this fraction of lr")
+    lr_floor: float = Field(0.25, ge=0, le=1, description="cosine decay ends at this fraction of lr")
     phases: list[UnetPhase] = Field(
-        default_factory=list,
+        default_factory=_shipped_curriculum,
         description="later phases that change caption_dropout / min_snr_gamma (a curriculum); "
         "before the first one, the top-level values apply",
     )
