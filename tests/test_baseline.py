@@ -196,6 +196,15 @@ def test_bad_training_config_is_a_one_line_error(tmp_path):
     assert "unet.stepz" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_baseline_eval_unknown_scheduler_is_a_one_line_error(capsys):
+    from sdwb import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["baseline", "eval", "--scheduler", "ddpm-ish", "--prompts", "2"])
+    err = capsys.readouterr().err
+    assert info.value.code != 0 and err.count("\n") == 1 and "ddim, euler, dpmpp, lcm" in err, err
+
+
 def test_domain_tokenizer_makes_every_word_one_token(tmp_path):
     from sdwb.tokenizer import save_tokenizer
 

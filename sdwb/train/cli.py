@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from sdwb.errors import SdwbError
+
 baseline_app = typer.Typer(
     help="Train and evaluate the builtin tiny-shapes model and its judge.", no_args_is_help=True
 )
@@ -48,7 +50,7 @@ def evaluate(
     prompts: int = typer.Option(270, "--prompts"),
     steps: int = typer.Option(50, "--steps"),
     guidance: float = typer.Option(7.5, "--guidance"),
-    scheduler: str = typer.Option("ddim", "--scheduler"),
+    scheduler: str = typer.Option("ddim", "--scheduler", help="ddim | euler | dpmpp | lcm"),
     seed: int = typer.Option(0, "--seed"),
     grid: Optional[Path] = typer.Option(None, "--grid", help="save an image grid here"),
     reconstructions: bool = typer.Option(
@@ -63,8 +65,11 @@ def evaluate(
     if reconstructions:
         typer.echo(json.dumps(evaluate_reconstructions(model, judge), indent=2))
         return
+    from sdwb.generate import SCHEDULERS
     from sdwb.train.config import BaselineTrainConfig, EvalConfig
 
+    if scheduler not in SCHEDULERS:
+        raise SdwbError(f"--scheduler {scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
     cfg = BaselineTrainConfig(
         seed=seed, eval=EvalConfig(prompts=prompts, steps=steps, guidance=guidance, scheduler=scheduler)
     )

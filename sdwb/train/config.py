@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sdwb.config import Scheduler
 from sdwb.errors import SdwbError
 
 
@@ -98,7 +99,7 @@ class EvalConfig(_Strict):
     prompts: int = Field(270, ge=1)
     steps: int = Field(50, ge=1)
     guidance: float = 7.5
-    scheduler: Literal["ddim", "euler", "dpmpp"] = "ddim"
+    scheduler: Scheduler = "ddim"
     batch: int = Field(54, ge=1)
     grid: int = Field(36, ge=0, description="images in the saved grid")
 
