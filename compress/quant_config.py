@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sdwb.config import Scheduler
 from sdwb.errors import SdwbError
 
 Component = Literal["unet", "text_encoder", "vae_decoder"]
@@ -40,7 +41,7 @@ class GuardConfig(_Strict):
     prompt_offset: int = Field(1_000_000, ge=0, description="train-stream seed of the first probe prompt")
     steps: int = Field(10, ge=1, le=200)
     guidance: float = Field(7.5, ge=0.0)
-    scheduler: Literal["ddim", "euler", "dpmpp"] = "ddim"
+    scheduler: Scheduler = "ddim"
     seed: int = Field(0, ge=0, description="probe image i starts from the noise of seed + i")
     min_psnr: float = Field(20.0, description="dB vs the float model's images for the same prompts/seeds")
 
@@ -55,7 +56,7 @@ class CalibrationConfig(_Strict):
         10, description="'all' steps or K steps spread evenly over the whole trajectory (first and last kept)"
     )
     guidance: float = Field(7.5, ge=0.0, description="> 1: both CFG halves are recorded (one 2B call)")
-    scheduler: Literal["ddim", "euler", "dpmpp"] = "ddim"
+    scheduler: Scheduler = "ddim"
     seed: int = Field(0, ge=0, description="trajectory i starts from the noise of seed + i")
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
     height: Optional[int] = Field(

@@ -9,13 +9,15 @@ compressed variant with its baseline image by image.
 from __future__ import annotations
 
 import contextlib
+from typing import get_args
 
 import numpy as np
 import torch
 
+from sdwb.config import Scheduler
 from sdwb.errors import SdwbError
 
-SCHEDULERS = ("ddim", "euler", "dpmpp", "lcm")
+SCHEDULERS = get_args(Scheduler)  # one list of names: the recipe schema's
 
 
 def make_scheduler(name: str, config):
