@@ -59,6 +59,7 @@ class Grid:
     timesteps: torch.Tensor  # (N,) int64
     alpha_bar: torch.Tensor  # (N,) float32, alphas_cumprod[timesteps]
     alpha_bar_prev: torch.Tensor  # (N,) float32, where DDIMScheduler.step from each timestep lands
+    timesteps_prev: torch.Tensor  # (N,) int64, the timestep it lands on (below 0 past the last point)
 
 
 def ddim_grid(config: dict, steps: int) -> Grid:
@@ -75,7 +76,7 @@ def ddim_grid(config: dict, steps: int) -> Grid:
     abar = scheduler.alphas_cumprod
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=abar.dtype)
     prev_abar = torch.where(prev >= 0, abar[prev.clamp(min=0)], final)
-    return Grid(steps, timesteps, abar[timesteps].clone(), prev_abar)
+    return Grid(steps, timesteps, abar[timesteps].clone(), prev_abar, prev)
 
 
 def check_nested(teacher: Grid, student: Grid) -> None:

@@ -82,9 +82,12 @@ class RoundPlan:
     prediction_type: str
     weighting: str
     precision: str = "fp32"
-    method: str = "progressive"  # lcm: ``teacher`` is the ODE grid, ``student`` unused in training
-    num_train: int = 1000
+    lcm_scheduler: object = None  # lcm: the student's LCMScheduler; ``teacher`` is then the ODE grid
     huber_c: float = 0.001
+
+    @property
+    def method(self) -> str:
+        return "lcm" if self.lcm_scheduler is not None else "progressive"
 
 
 # --------------------------------------------------------------------------- the loss
@@ -333,7 +336,7 @@ class _Round:
             return _unet(model, z, t, cond, plan.precision)
 
         return lcm_loss(self.model, self.target, teacher_fn, unet_fn, x0, noise, n, plan.teacher,
-                        plan.num_train, plan.prediction_type, plan.huber_c)
+                        plan.lcm_scheduler, plan.huber_c)
 
 
 def _train_round(rnd: _Round, directory: Path, log_path: Path, progress: bool) -> dict:
@@ -459,17 +462,21 @@ def distill(
         raise SdwbError("the UNet has time_cond_proj_dim (a guidance-embedding student): not supported")
     sched_config = student_scheduler_config(pipe.scheduler.config)
     plans = []
-    num_train = sched_config["num_train_timesteps"]
+    lcm_scheduler = None
+    if config.method == "lcm":
+        from diffusers import LCMScheduler
+
+        lcm_scheduler = LCMScheduler.from_config(sched_config, original_inference_steps=config.teacher_steps)
     for r, (n_teacher, n_student) in enumerate(config.round_steps()):
         teacher_grid, student_grid = ddim_grid(sched_config, n_teacher), ddim_grid(sched_config, n_student)
-        if config.method == "lcm":
-            check_lcm_grid(teacher_grid, num_train)
+        if lcm_scheduler is not None:
+            check_lcm_grid(teacher_grid, sched_config["num_train_timesteps"])
         else:
             check_nested(teacher_grid, student_grid)
         guided = config.guidance_distill and r == 0 and not absorbed
         plans.append(RoundPlan(teacher_grid, student_grid, config.guidance if guided else 1.0,
                                sched_config["prediction_type"], config.weighting, config.precision,
-                               config.method, num_train, config.huber_c))
+                               lcm_scheduler, config.huber_c))
     _prepare_work(work, config, fingerprint)
 
     from sdwb.train.common import make_accelerator
@@ -513,12 +520,9 @@ def distill(
         current = student.eval().requires_grad_(False)
     pipe.unet = current.cpu().float()
     pipe.text_encoder = text_encoder.cpu()
-    from diffusers import DDIMScheduler, LCMScheduler
+    from diffusers import DDIMScheduler
 
-    if config.method == "lcm":
-        pipe.scheduler = LCMScheduler.from_config(sched_config, original_inference_steps=config.teacher_steps)
-    else:
-        pipe.scheduler = DDIMScheduler.from_config(sched_config)
+    pipe.scheduler = lcm_scheduler if lcm_scheduler is not None else DDIMScheduler.from_config(sched_config)
     from sdwb.inference import attach
 
     inference = inference_defaults(config, absorbed)

@@ -10,8 +10,9 @@ The arithmetic is diffusers' own, so the saved student samples correctly with a 
 ``LCMScheduler``:
 
 - the consistency function is ``f(z, t) = c_skip(t) z + c_out(t) x0(z, t)`` with the boundary
-  scalings of :meth:`diffusers.LCMScheduler.get_scalings_for_boundary_condition_discrete`
-  (``sigma_data = 0.5``, ``timestep_scaling = 10``): ``f`` is the identity at ``t = 0``;
+  scalings of the student's own ``LCMScheduler``
+  (:meth:`~diffusers.LCMScheduler.get_scalings_for_boundary_condition_discrete`): ``f`` is the
+  identity at ``t = 0``;
 - the ODE solver is one DDIM step of the (guided) teacher on the ``N``-step trailing grid
   (``N = teacher_steps``; its points are ``LCMScheduler``'s ``original_inference_steps`` grid),
   so ``z_hat`` is where the teacher goes from ``z_{t_n}`` to the next grid point ``t_{n+1}``;
@@ -28,24 +29,19 @@ from __future__ import annotations
 import torch
 
 from compress.ddim_targets import Grid, ddim_step, split
-
-SIGMA_DATA = 0.5
-TIMESTEP_SCALING = 10.0
+from sdwb.errors import SdwbError
 
 
-def boundary_scalings(timesteps: torch.Tensor, timestep_scaling: float = TIMESTEP_SCALING):
-    """``(c_skip, c_out)`` per timestep, as ``LCMScheduler.get_scalings_for_boundary_condition_discrete``;
-    timesteps below 0 (past the last grid point) count as 0, where ``f`` is the identity."""
-    scaled = timesteps.clamp(min=0).double() * timestep_scaling
-    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
-    c_out = scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
-    return c_skip.float(), c_out.float()
+def boundary_scalings(scheduler, timesteps: torch.Tensor):
+    """``(c_skip, c_out)`` per timestep from ``scheduler`` (an ``LCMScheduler``); timesteps below 0
+    (past the last grid point) count as 0, where ``f`` is the identity."""
+    return scheduler.get_scalings_for_boundary_condition_discrete(timesteps.clamp(min=0).float())
 
 
-def consistency_output(pred, z, timesteps, alpha_bar, prediction_type: str) -> torch.Tensor:
-    """``f(z, t) = c_skip z + c_out x0``: what ``LCMScheduler.step`` calls ``denoised``."""
-    x0, _ = split(pred, z, alpha_bar, prediction_type)
-    c_skip, c_out = boundary_scalings(timesteps)
+def consistency_output(scheduler, pred, z, timesteps, alpha_bar) -> torch.Tensor:
+    """``f(z, t) = c_skip z + c_out x0``: what ``scheduler.step`` (an ``LCMScheduler``) calls ``denoised``."""
+    x0, _ = split(pred, z, alpha_bar, scheduler.config.prediction_type)
+    c_skip, c_out = boundary_scalings(scheduler, timesteps)
     shape = (-1,) + (1,) * (z.dim() - 1)
     return c_skip.to(z.device).reshape(shape) * z + c_out.to(z.device).reshape(shape) * x0
 
@@ -55,24 +51,24 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     return (torch.sqrt((a.float() - b.float()) ** 2 + c * c) - c).mean(dim=tuple(range(1, a.dim())))
 
 
-def lcm_loss(student, target_net, teacher_fn, unet_fn, x0, noise, n, grid: Grid, num_train: int,
-             prediction_type: str, huber_c: float):
+def lcm_loss(student, target_net, teacher_fn, unet_fn, x0, noise, n, grid: Grid, scheduler, huber_c: float):
     """``(loss, per-sample distance)`` of one batch of consistency distillation.
 
     ``n``: indices into ``grid`` (descending timesteps); ``teacher_fn(z, t)`` the (guided) teacher's
-    model output; ``unet_fn(model, z, t)`` a model's output with the batch's prompt embedding.
+    model output; ``unet_fn(model, z, t)`` a model's output with the batch's prompt embedding;
+    ``scheduler``: the student's ``LCMScheduler`` (boundary scalings, parameterisation).
     """
+    prediction_type = scheduler.config.prediction_type
     abar_n = grid.alpha_bar[n]
     a = abar_n.to(x0.device).reshape(-1, 1, 1, 1)
     z_n = a.sqrt() * x0 + (1 - a).sqrt() * noise
     t_n = grid.timesteps[n].to(x0.device)
-    t_next = t_n - num_train // grid.steps  # < 0 past the grid's last point
+    t_next = grid.timesteps_prev[n].to(x0.device)  # < 0 past the grid's last point
     with torch.no_grad():
         z_hat = ddim_step(teacher_fn(z_n, t_n), z_n, abar_n, grid.alpha_bar_prev[n], prediction_type)
-        t_eval = t_next.clamp(min=0)
-        target_pred = unet_fn(target_net, z_hat, t_eval)
-        target = consistency_output(target_pred, z_hat, t_next, grid.alpha_bar_prev[n], prediction_type)
-    online = consistency_output(unet_fn(student, z_n, t_n), z_n, t_n, abar_n, prediction_type)
+        target_pred = unet_fn(target_net, z_hat, t_next.clamp(min=0))
+        target = consistency_output(scheduler, target_pred, z_hat, t_next, grid.alpha_bar_prev[n])
+    online = consistency_output(scheduler, unet_fn(student, z_n, t_n), z_n, t_n, abar_n)
     per_sample = pseudo_huber(online, target, huber_c)
     return per_sample.mean(), per_sample.detach()
 
@@ -87,8 +83,6 @@ def update_target(target_net: torch.nn.Module, student: torch.nn.Module, decay: 
 def check_lcm_grid(grid: Grid, num_train: int) -> None:
     """The teacher's grid must be ``LCMScheduler``'s: evenly spaced by ``num_train / N`` exactly, so
     each DDIM step lands on the next grid point (``t - num_train // N``)."""
-    from sdwb.errors import SdwbError
-
     spacing = num_train // grid.steps
     gaps = grid.timesteps[:-1] - grid.timesteps[1:]
     if num_train % grid.steps or not bool((gaps == spacing).all()):

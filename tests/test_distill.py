@@ -335,19 +335,22 @@ def test_consistency_output_is_lcm_schedulers_denoised(tiny, prediction_type):
         sched._step_index = None
         expected = sched.step(pred, t, z).denoised
         abar = sched.alphas_cumprod[t].reshape(1)
-        ours = consistency_output(pred, z, torch.tensor([t]), abar, prediction_type)
+        ours = consistency_output(sched, pred, z, torch.tensor([t]), abar)
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
-    c_skip, c_out = boundary_scalings(torch.tensor([-1, 0, 19, 999]))
+    c_skip, c_out = boundary_scalings(sched, torch.tensor([-1, 0, 19, 999]))
     assert c_skip[0] == c_skip[1] == 1.0 and c_out[0] == c_out[1] == 0.0  # identity at the boundary
     assert c_out[3] > 0.99
 
 
 def test_lcm_loss_goes_down_on_a_fixed_batch(tiny):
+    from diffusers import LCMScheduler
+
     from compress.distill import _unet
     from compress.lcm import lcm_loss, update_target
 
     config = student_scheduler_config(tiny.scheduler.config)
     grid = ddim_grid(config, 50)
+    sched = LCMScheduler.from_config({**config, "prediction_type": "epsilon"}, original_inference_steps=50)
     gen = torch.Generator().manual_seed(5)
     x0, noise = torch.randn(4, 4, 16, 16, generator=gen), torch.randn(4, 4, 16, 16, generator=gen)
     n = torch.tensor([0, 10, 30, 49])  # 49: the last point, whose target is the teacher's own step
@@ -364,7 +367,7 @@ def test_lcm_loss_goes_down_on_a_fixed_batch(tiny):
 
     losses = []
     for _ in range(12):
-        loss, _ = lcm_loss(student, target, teacher_fn, unet_fn, x0, noise, n, grid, 1000, "epsilon", 1e-3)
+        loss, _ = lcm_loss(student, target, teacher_fn, unet_fn, x0, noise, n, grid, sched, 1e-3)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
