@@ -15,10 +15,12 @@ asset, no script. ``report.md`` links the same figures, written beside it under 
 Missing metrics (not applicable, e.g. quality on ``sd15-arch``) render as "—", never 0;
 a PSNR of ``inf`` (pixel-identical to the baseline) renders as "∞".
 
-The baseline of a row is the row of the same source and model marked as baseline (named by a
-row's ``baseline`` string, as ``bench`` writes it, or with ``baseline: true`` or
-``role: baseline``), else the first row of that source and model: a speed-up across models
-(tiny-shapes vs sd15-arch) would mean nothing.
+The baseline of a row is the row of the same source that its ``baseline`` string names, as
+``bench`` writes it on every row (the config's ``baseline:``, else its first variant): a
+compressed variant is its own model directory, and its speed-up is against the model it was made
+from. Rows without that string (hand-made results) take the row of the same source and model
+marked ``baseline: true`` or ``role: baseline``, else the first row of that source and model: a
+speed-up across unrelated models (tiny-shapes vs sd15-arch) would mean nothing.
 """
 
 from __future__ import annotations
@@ -167,7 +169,9 @@ def _text(v) -> str:
 
 
 def _baselines(rows: list[dict]) -> list[dict]:
-    """For every row, the baseline row of its (source, model) group (see the module docstring)."""
+    """For every row, its baseline row (see the module docstring): the row of the same source that
+    its ``baseline`` string names, else the marked (or first) row of its (source, model) group."""
+    by_name = {(r.get("source"), r["variant"]): r for r in rows}
     named = {(r.get("source"), r["baseline"]) for r in rows if isinstance(r.get("baseline"), str)}
 
     def marked(row: dict) -> bool:
@@ -180,7 +184,14 @@ def _baselines(rows: list[dict]) -> list[dict]:
         key = (row.get("source"), _text(row.get("model")))
         if key not in groups or (marked(row) and not marked(groups[key])):
             groups[key] = row
-    return [groups[(row.get("source"), _text(row.get("model")))] for row in rows]
+
+    def base_of(row: dict) -> dict:
+        name = row.get("baseline")
+        if isinstance(name, str) and (row.get("source"), name) in by_name:
+            return by_name[(row.get("source"), name)]
+        return groups[(row.get("source"), _text(row.get("model")))]
+
+    return [base_of(row) for row in rows]
 
 
 def _row_labels(rows: list[dict], multi_source: bool) -> list[str]:

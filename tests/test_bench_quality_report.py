@@ -198,6 +198,17 @@ def test_report_renders_self_contained_html_and_dashes_for_null_metrics(tmp_path
     assert not any(cell in ("0", "0.00", "0.0") for row in rows for cell in row.values())
 
 
+def test_a_compressed_variant_in_its_own_directory_is_compared_to_the_named_baseline(tmp_path):
+    # bench writes the baseline's name on every row; a pruned/distilled variant is another model path
+    rows = [_row("fp32", baseline="fp32"),
+            _row("pruned", model="runs/prune/x", e2e_s_median=0.5, baseline="fp32"),
+            _row("other", model="builtin:sd15-arch", e2e_s_median=4.0)]
+    md_path, _ = render_report([_write_results(tmp_path / "run", rows)], tmp_path / "out")
+    _, cells = _md_rows(md_path.read_text())
+    assert [r["variant"] for r in cells] == ["fp32 (baseline)", "pruned", "other (baseline)"]
+    assert [r["speed-up"] for r in cells] == ["1.00×", "2.00×", "1.00×"]
+
+
 def test_two_results_files_merge_into_one_table(tmp_path):
     rows = [_row("int8", e2e_s_median=0.8, baseline="fp32"), _row("fp32", baseline="fp32")]
     a = _write_results(tmp_path / "machine-a", rows)
