@@ -61,6 +61,9 @@ class DistillConfig(BaseModel):
         7.5, ge=1.0, le=50.0, description="CFG scale: absorbed with guidance_distill, else the student's "
         "default guidance at inference")
     budget: Union[int, str] = Field(200, description="per round: optimizer steps, or a duration 10m/90s/1h")
+    guidance_budget: Optional[Union[int, str]] = Field(
+        None, description="budget of the round that distils guidance (round 1 with guidance_distill), "
+        "the hardest one: its loss starts ~20x above a plain halving round's; null: budget")
     batch: int = Field(32, ge=1, le=4096)
     lr: float = Field(1e-4, gt=0.0, le=1.0)
     warmup: int = Field(20, ge=0, description="linear warm-up steps of each round")
@@ -82,9 +85,11 @@ class DistillConfig(BaseModel):
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
 
-    @field_validator("budget")
+    @field_validator("budget", "guidance_budget")
     @classmethod
     def _budget(cls, value):
+        if value is None:
+            return None
         kind, amount = parse_budget(value)
         return int(amount) if kind == "steps" else value.strip()
 
@@ -98,6 +103,8 @@ class DistillConfig(BaseModel):
             if "guidance_distill" in self.model_fields_set and not self.guidance_distill:
                 raise ValueError("method lcm always distils guidance (the student samples with guidance "
                                  "1.0); drop guidance_distill: false, or set guidance: 1.0 for none")
+            if self.guidance_budget is not None:
+                raise ValueError("guidance_budget: method lcm has one run, set its length with budget")
             self.guidance_distill = True
             return self
         if student >= teacher:
@@ -128,6 +135,12 @@ class DistillConfig(BaseModel):
     @property
     def budget_kind(self) -> tuple[str, float]:
         return parse_budget(self.budget)
+
+    def round_budget(self, guided: bool) -> tuple[str, float]:
+        """``("steps", n)`` or ``("seconds", s)`` of a round; ``guided``: it distils guidance."""
+        if guided and self.guidance_budget is not None:
+            return parse_budget(self.guidance_budget)
+        return self.budget_kind
 
 
 def _power_of_two(n: int) -> bool:

@@ -240,6 +240,14 @@ def test_a_guidance_distilled_student_distils_further_keeping_guidance_1(student
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_guidance_budget_sets_the_length_of_the_guided_round_only(tiny_pipeline_dir, tmp_path):
+    cfg = parse_distill_config({"teacher_steps": 8, "student_steps": 2, "guidance_distill": True,
+                                **FAST, "budget": 2, "guidance_budget": 4})
+    result = distill(str(tiny_pipeline_dir), cfg, tmp_path / "gd2", progress=False)
+    steps = [(r["guidance_teacher"], r["optimizer_steps"]) for r in result.rounds]
+    assert steps == [(7.5, 4), (None, 2)]
+
+
 def test_shipped_distill_configs_are_valid():
     from compress.distill_config import load_distill_config
 
@@ -287,6 +295,8 @@ def test_onnx_export_of_a_student_keeps_its_defaults(student_dir, tmp_path, caps
         (["--method", "lcm", "--no-guidance-distill"], "always distils guidance"),
         (["--method", "lcm", "--teacher-steps", "8", "--student-steps", "16"], "at most teacher_steps"),
         (["--budget", "10 parsecs"], "budget"),
+        (["--set", "guidance_budget=0"], "guidance_budget"),
+        (["--method", "lcm", "--set", "guidance_budget=100"], "one run"),
         (["--set", "student_step=4"], "unknown key"),
     ],
 )
