@@ -258,7 +258,7 @@ def test_shipped_distill_configs_are_valid():
         load_distill_config(path)
     four = load_distill_config(root / "distill4.yaml")
     assert four.round_steps() == [(32, 16), (16, 8), (8, 4)] and four.guidance_distill
-    assert four.guidance == 7.5
+    assert four.guidance == 4.0 and four.round_budget(True) == ("steps", 1200.0)
     lcm = load_distill_config(root / "lcm4.yaml")
     assert lcm.method == "lcm" and lcm.round_steps() == [(50, 4)] and lcm.guidance_distill
 
