@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from sdwb.errors import SdwbError
 
@@ -86,6 +86,28 @@ class PruneConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
+    @model_validator(mode="after")
+    def _method_keys(self) -> PruneConfig:
+        """A key of the other method is a mistake (it would be silently ignored), as is recovery
+        with every loss weight at 0."""
+        given = self.model_fields_set
+        if self.method == "blocks" and CHANNEL_ONLY & given:
+            raise ValueError(f"{', '.join(sorted(CHANNEL_ONLY & given))}: used by method 'channels' only "
+                             "(method blocks removes the modules named in 'blocks')")
+        if self.method == "channels" and "blocks" in given:
+            raise ValueError("blocks: used by method 'blocks' only (method is 'channels')")
+        ft = self.finetune
+        if ft.steps and ft.output_weight + ft.feature_weight + ft.task_weight <= 0:
+            raise ValueError("finetune: output_weight, feature_weight and task_weight are all 0")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_method_keys(self, handler):
+        """Dumps carry only the chosen method's keys, so a dumped config (sdwb.json, a resolved
+        recipe) parses again: the other method's defaults would read as given keys."""
+        unused = {"blocks"} if self.method == "channels" else CHANNEL_ONLY
+        return {k: v for k, v in handler(self).items() if k not in unused}
+
 
 def parse_prune_config(data: dict, source: str = "prune config") -> PruneConfig:
     """Validate ``data`` as a :class:`PruneConfig`; every problem is one ``SdwbError`` line."""
@@ -94,20 +116,9 @@ def parse_prune_config(data: dict, source: str = "prune config") -> PruneConfig:
     if not isinstance(data, dict):
         raise SdwbError(f"{source}: expected a mapping of prune keys, got {type(data).__name__}")
     try:
-        config = PruneConfig.model_validate(data)
+        return PruneConfig.model_validate(data)
     except ValidationError as e:
         raise SdwbError(f"{source}: " + _format(e, PruneConfig)) from None
-    if config.method == "blocks":
-        given = sorted(CHANNEL_ONLY & set(data))
-        if given:
-            raise SdwbError(f"{source}: {', '.join(given)}: used by method 'channels' only (method blocks "
-                            "removes the modules named in 'blocks')")
-    elif "blocks" in data:
-        raise SdwbError(f"{source}: blocks: used by method 'blocks' only (method is 'channels')")
-    ft = config.finetune
-    if ft.steps and ft.output_weight + ft.feature_weight + ft.task_weight <= 0:
-        raise SdwbError(f"{source}: finetune: output_weight, feature_weight and task_weight are all 0")
-    return config
 
 
 def load_prune_config(
@@ -136,6 +147,5 @@ def load_prune_config(
 
 def resolved(config: PruneConfig) -> dict:
     """The config with every default filled in, as plain JSON data (recorded in sdwb.json); only the
-    chosen method's keys, so the result parses again."""
-    unused = {"blocks"} if config.method == "channels" else CHANNEL_ONLY
-    return config.model_dump(mode="json", exclude=unused)
+    chosen method's keys (see ``PruneConfig._only_method_keys``), so the result parses again."""
+    return config.model_dump(mode="json")

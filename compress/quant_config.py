@@ -276,6 +276,9 @@ def _format(e: ValidationError, cls: type[BaseModel]) -> str:
             parts.append(f"{loc}: unknown key{allowed}")
         elif err["type"] == "missing":
             parts.append(f"{loc}: required key is missing")
+        elif err["type"] == "value_error":  # a model validator's own sentence names its keys
+            msg = str(err.get("ctx", {}).get("error", err["msg"]))
+            parts.append(f"{loc}: {msg}" if loc else msg)
         else:
             msg = err["msg"][:1].lower() + err["msg"][1:]
             parts.append(f"{loc}: {msg}, got {err['input']!r}")

@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from compress.distill_config import DistillConfig
+from compress.prune_config import PruneConfig
 from sdwb.errors import SdwbError
 
 Scheduler = Literal["ddim", "euler", "dpmpp", "lcm"]
@@ -68,8 +70,24 @@ class GenerateStage(_Section):
     prompts: int = Field(16, ge=1)
 
 
+class PruneStage(PruneConfig):
+    """Prune the UNet of the stage's input model, as ``sdwb compress prune`` does: the keys of
+    ``configs/prune/*.yaml`` (same schema and checks). Validated now; executed by the recipe
+    runner (``sdwb run``, the recipes issue)."""
+
+    kind: Literal["prune"]
+
+
+class DistillStage(DistillConfig):
+    """Step-distil the stage's input model, as ``sdwb compress distill`` does: the keys of
+    ``configs/distill/*.yaml`` (same schema and checks). Validated now; executed by the recipe
+    runner (``sdwb run``, the recipes issue)."""
+
+    kind: Literal["distill"]
+
+
 # Every stage type, one model each, told apart by ``kind``. Later issues append here.
-STAGE_TYPES: tuple[type[_Section], ...] = (GenerateStage,)
+STAGE_TYPES: tuple[type[BaseModel], ...] = (GenerateStage, PruneStage, DistillStage)
 Stage = Annotated[Union[STAGE_TYPES], Field(discriminator="kind")]
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -267,6 +285,8 @@ def _format_one(err: dict, set_keys: list[list[str]]) -> str:
         what = f"unknown stage kind {err['ctx']['tag']!r} (expected one of: {', '.join(_STAGE_KINDS)})"
     elif kind == "union_tag_not_found":
         what = f"stage has no 'kind' (expected one of: {', '.join(_STAGE_KINDS)})"
+    elif kind == "value_error":  # a model validator's own sentence names its keys
+        what = str(err.get("ctx", {}).get("error", err["msg"]))
     else:
         msg = err["msg"]
         msg = msg[0].lower() + msg[1:] if msg else kind

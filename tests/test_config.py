@@ -95,6 +95,37 @@ def test_bad_stage_kind_and_stage_field(tmp_path):
     assert "stages.0.promts" in msg and "unknown key" in msg
 
 
+def test_prune_and_distill_stages_take_their_commands_config_keys(tmp_path):
+    text = ("stages:\n  - kind: prune\n    ratio: 0.3\n    importance: taylor\n    finetune: {steps: 4000}\n"
+            "  - kind: distill\n    teacher_steps: 32\n    student_steps: 4\n    guidance_distill: true\n"
+            "    guidance: 4.0\n    guidance_budget: 1200\n")
+    recipe = load_recipe(write(tmp_path, text))
+    prune, distill = recipe.stages
+    assert (prune.kind, prune.ratio, prune.importance, prune.finetune.steps) == ("prune", 0.3, "taylor", 4000)
+    assert distill.round_steps() == [(32, 16), (16, 8), (8, 4)] and distill.round_budget(True) == ("steps", 1200.0)
+    # the resolved recipe (defaults filled in) loads again to the same config
+    again = load_recipe(write(tmp_path, resolved_yaml(recipe), "resolved.yaml"))
+    assert config_hash(again) == config_hash(recipe)
+    blocks = load_recipe(write(tmp_path, "stages:\n  - kind: prune\n    method: blocks\n", "b.yaml"))
+    assert config_hash(load_recipe(write(tmp_path, resolved_yaml(blocks), "b2.yaml"))) == config_hash(blocks)
+
+
+@pytest.mark.parametrize(
+    ("stage", "expected"),
+    [
+        ("kind: prune\n    ratio: 1.5", "stages.0.ratio"),
+        ("kind: prune\n    method: blocks\n    ratio: 0.3", "used by method 'channels' only"),
+        ("kind: prune\n    finetune: {stepz: 3}", "stages.0.finetune.stepz: unknown key"),
+        ("kind: distill\n    teacher_steps: 64\n    student_steps: 6", "power of two"),
+        ("kind: distill\n    method: lcm\n    guidance_budget: 100", "one run"),
+        ("kind: distill\n    budgett: 3", "stages.0.budgett: unknown key"),
+    ],
+)
+def test_bad_prune_or_distill_stage_is_one_line(tmp_path, stage, expected):
+    msg = error_of(write(tmp_path, f"stages:\n  - {stage}\n"))
+    assert expected in msg and "stages.0" in msg, msg
+
+
 def test_malformed_yaml_names_file_and_line(tmp_path):
     path = write(tmp_path, "name: x\nbench:\n  steps: [1, 2\n")
     msg = error_of(path)
