@@ -102,7 +102,8 @@ def test_prune_and_distill_stages_take_their_commands_config_keys(tmp_path):
     recipe = load_recipe(write(tmp_path, text))
     prune, distill = recipe.stages
     assert (prune.kind, prune.ratio, prune.importance, prune.finetune.steps) == ("prune", 0.3, "taylor", 4000)
-    assert distill.round_steps() == [(32, 16), (16, 8), (8, 4)] and distill.round_budget(True) == ("steps", 1200.0)
+    assert distill.round_steps() == [(32, 16), (16, 8), (8, 4)]
+    assert distill.round_budget(True) == ("steps", 1200.0)
     # the resolved recipe (defaults filled in) loads again to the same config
     again = load_recipe(write(tmp_path, resolved_yaml(recipe), "resolved.yaml"))
     assert config_hash(again) == config_hash(recipe)
