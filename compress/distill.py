@@ -344,8 +344,7 @@ def _train_round(rnd: _Round, directory: Path, log_path: Path, progress: bool) -
     from sdwb.train.common import Checkpointer
 
     cfg = rnd.config
-    guided = rnd.plan.guidance > 1.0 and rnd.plan.method == "progressive"
-    kind, amount = cfg.round_budget(guided)
+    kind, amount = cfg.round_budget(guided=rnd.plan.guidance > 1.0)
     modules = {"unet": rnd.student} if rnd.target is None else {"unet": rnd.student, "target": rnd.target}
     ckpt = Checkpointer(directory / "checkpoint", modules, rnd.optimizer, ema=rnd.ema)
     step = ckpt.load()

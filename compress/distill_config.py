@@ -159,10 +159,12 @@ def parse_distill_config(data: Any, source: str = "distill config") -> DistillCo
     method = data.get("method", "progressive")
     if method not in METHODS:
         raise SdwbError(f"{source}: method: unknown method {method!r} (expected one of {', '.join(METHODS)})")
+    from compress.quant_config import _format
+
     try:
         return DistillConfig.model_validate(data)
     except ValidationError as e:
-        raise SdwbError(f"{source}: {_format(e)}") from None
+        raise SdwbError(f"{source}: {_format(e, DistillConfig)}") from None
 
 
 def load_distill_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -176,19 +178,3 @@ def load_distill_config(path: str | Path | None = None, overrides: list[str] | N
     data = apply_overrides(data, overrides)
     data.update({k: v for k, v in flags.items() if v is not None})
     return parse_distill_config(data, source)
-
-
-def _format(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors(include_url=False)[:3]:
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            parts.append(f"{loc}: unknown key (allowed: {', '.join(DistillConfig.model_fields)})")
-        elif err["type"] == "value_error":
-            msg = str(err.get("ctx", {}).get("error", err["msg"]))
-            parts.append(f"{loc}: {msg}" if loc else msg)
-        else:
-            msg = err["msg"][:1].lower() + err["msg"][1:]
-            parts.append(f"{loc}: {msg}, got {err['input']!r}")
-    more = len(e.errors()) - 3
-    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
