@@ -171,7 +171,8 @@ def load_distill_config(path: str | Path | None = None, overrides: list[str] | N
                         **flags: Any) -> DistillConfig:
     """Read ``configs/distill/*.yaml`` (or start from the defaults), apply ``--set KEY=VALUE``
     overrides, then ``flags`` (command-line options; None values are ignored), and validate."""
-    from sdwb.config import _read_yaml, apply_overrides
+    from sdwb.yaml_io import apply_overrides
+    from sdwb.yaml_io import read_yaml as _read_yaml
 
     data = _read_yaml(Path(path)) if path is not None else {}
     source = str(path) if path is not None else "command line"

@@ -126,7 +126,8 @@ def load_prune_config(
 ) -> PruneConfig:
     """Read ``configs/prune/*.yaml`` (or start empty), apply ``--set`` overrides, then ``flags``
     (command-line options, dotted keys for sections; None values ignored), and validate."""
-    from sdwb.config import _read_yaml, apply_overrides
+    from sdwb.yaml_io import apply_overrides
+    from sdwb.yaml_io import read_yaml as _read_yaml
 
     data = _read_yaml(Path(path)) if path is not None else {}
     source = str(path) if path is not None else "command line"

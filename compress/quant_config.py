@@ -21,8 +21,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sdwb.config import Scheduler
 from sdwb.errors import SdwbError
+from sdwb.yaml_io import Scheduler
 
 Component = Literal["unet", "text_encoder", "vae_decoder"]
 COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "vae_decoder")
@@ -240,7 +240,8 @@ def load_quant_config(
 ) -> QuantConfig:
     """Read a ``configs/quantize/*.yaml`` file (or start empty), apply ``--set`` overrides, then
     ``flags`` (command-line options; None values ignored), and validate."""
-    from sdwb.config import _read_yaml, apply_overrides
+    from sdwb.yaml_io import apply_overrides
+    from sdwb.yaml_io import read_yaml as _read_yaml
 
     data = _read_yaml(Path(path)) if path is not None else {}
     source = str(path) if path is not None else "command line"

@@ -14,8 +14,8 @@ from typing import get_args
 import numpy as np
 import torch
 
-from sdwb.config import Scheduler
 from sdwb.errors import SdwbError
+from sdwb.yaml_io import Scheduler
 
 SCHEDULERS = get_args(Scheduler)  # one list of names: the recipe schema's
 

@@ -12,8 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sdwb.config import Scheduler
 from sdwb.errors import SdwbError
+from sdwb.yaml_io import Scheduler
 
 
 class _Strict(BaseModel):
