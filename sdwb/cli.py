@@ -43,6 +43,7 @@ else:
     app.add_typer(baseline_app, name="baseline")
 
 from bench.cli import bench_command  # noqa: E402  (imports only typer; heavy imports are lazy)
+from bench.gate_cli import gate_command  # noqa: E402
 from bench.report_cli import report_command  # noqa: E402
 from compress.cli import compress_app  # noqa: E402
 from export.cli import export_app  # noqa: E402
@@ -51,6 +52,7 @@ app.add_typer(compress_app, name="compress")
 app.add_typer(export_app, name="export")
 app.command("bench")(bench_command)
 app.command("report")(report_command)
+app.command("gate")(gate_command)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SetOption = Annotated[
@@ -322,6 +324,61 @@ def config_check(
     recipe = load_recipe(file, set_)
     typer.echo(f"# {file}: valid; config hash {config_hash(recipe)}")
     typer.echo(resolved_yaml(recipe), nl=False)
+
+
+# --------------------------------------------------------------------------- run
+
+
+@app.command("run")
+def run(
+    recipe_file: Annotated[Path, typer.Argument(help="configs/recipes/*.yaml, or a recipe name.")],
+    set_: SetOption = None,
+    store: Annotated[Path, typer.Option(help="Where stage artifacts live, by hash.")] = Path("runs/stages"),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; run nothing.")] = False,
+    until: Annotated[Optional[str], typer.Option(help="Stop after this stage (name or number).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Run record dir (default runs/<recipe>-<hash>).")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Run a recipe's stages in order (prune, distill, quantize, export, generate, bench, report).
+
+    Each stage's artifact is addressed by the hash of its resolved config and inputs, under
+    STORE/<kind>-<hash>/: a re-run skips finished stages, a killed run resumes (prune and distill
+    from their checkpoints), and recipes that share stages share their artifacts. The run is
+    recorded in runs/<recipe>-<hash>/run.json (or --out), with links `model` and `report` to the
+    final artifacts.
+    """
+    from rich.console import Console
+
+    from bench.results import python_command
+    from sdwb.config import load_recipe
+    from sdwb.recipe_run import plan, recipe_path, run_recipe
+
+    path = recipe_file if recipe_file.exists() else recipe_path(str(recipe_file))
+    recipe = load_recipe(path, set_)
+    console = Console(stderr=True)
+    if dry_run:
+        for p in plan(recipe, store):
+            state = "cached" if p.done else "to run"
+            typer.echo(f"{p.index + 1}. {p.kind:<8} {p.name:<12} {state:<7} {p.out}")
+        return
+    if not recipe.stages:
+        raise SdwbError(f"{path}: the recipe has no stages to run")
+    from bench.cli import _quiet_library_progress
+
+    _quiet_library_progress()
+    result = run_recipe(recipe, store=store, out=out, progress=progress, command=python_command(),
+                        until=until, say=lambda m: console.print(f"[dim]{m}[/]"))
+    ran = sum(1 for v in result.status.values() if v == "ran")
+    typer.echo(f"recipe {recipe.name}: {ran} stage(s) ran, {len(result.stages) - ran} reused; "
+               f"record in {result.run_dir / 'run.json'}")
+    final = [p for p in result.stages if p.kind in ("prune", "distill", "quantize", "export")]
+    if final:
+        typer.echo(f"model: {final[-1].out}")
+    report = result.report()
+    if report is not None:
+        typer.echo(f"report: {report} (and {report.with_suffix('.md')})")
 
 
 # --------------------------------------------------------------------------- entry point

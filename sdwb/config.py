@@ -6,8 +6,11 @@ strictly typed, and any problem becomes one ``SdwbError`` line that names the fi
 (``bench.steps``) and what was expected. ``config_hash`` names run directories after the
 resolved recipe, so two runs of the same recipe land in the same place.
 
-Adding a stage type (compress, export, ...) is one new model with a ``kind: Literal[...]`` field
-added to ``STAGE_TYPES``; ``stages`` is a discriminated union on ``kind``.
+Stages (``stages:``, run in order by ``sdwb run``, :mod:`sdwb.recipe_run`) reuse the schemas of
+the single-technique commands: a ``prune`` stage takes exactly the keys of ``configs/prune/*.yaml``,
+``distill`` / ``quantize`` / ``bench`` likewise, so a config moves into a recipe unchanged. Adding a
+stage type is one model with a ``kind: Literal[...]`` field added to ``STAGE_TYPES`` (a
+discriminated union on ``kind``) and one executor in :mod:`sdwb.recipe_run`.
 """
 
 from __future__ import annotations
@@ -19,15 +22,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
+from bench.scenario import BenchConfig
 from compress.distill_config import DistillConfig
 from compress.prune_config import PruneConfig
 from sdwb.errors import SdwbError
-
-Scheduler = Literal["ddim", "euler", "dpmpp", "lcm"]
-Backend = Literal["torch", "onnxruntime", "tensorrt"]
-DType = Literal["fp32", "bf16", "fp16"]
+from sdwb.yaml_io import Backend as Backend  # noqa: F401  (re-exported)
+from sdwb.yaml_io import DType, Scheduler, _kind, apply_overrides, parse_override, read_yaml
 
 
 class _Section(BaseModel):
@@ -62,33 +64,123 @@ class BenchSection(_Section):
     threads: int | None = Field(None, ge=1, description="intra-op threads; default: library default")
 
 
+_STAGE_NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"
+
+
+def _stage_name():
+    return Field(None, pattern=_STAGE_NAME, max_length=32,
+                 description="what bench variants call this stage's artifact (@NAME); default: the kind")
+
+
 class GenerateStage(_Section):
-    """Render the first ``prompts`` held-out evaluation prompts with the recipe's ``generate``
-    settings. Validated now; executed by the recipe runner that later issues add."""
+    """Render the first ``prompts`` held-out evaluation prompts of the current model with the
+    recipe's ``generate`` settings (a grid and one PNG per prompt)."""
 
     kind: Literal["generate"]
+    name: str | None = _stage_name()
     prompts: int = Field(16, ge=1)
 
 
 class PruneStage(PruneConfig):
-    """Prune the UNet of the stage's input model, as ``sdwb compress prune`` does: the keys of
-    ``configs/prune/*.yaml`` (same schema and checks). Validated now; executed by the recipe
-    runner (``sdwb run``, the recipes issue)."""
+    """Prune the UNet of the current model, as ``sdwb compress prune`` does: the keys of
+    ``configs/prune/*.yaml`` (same schema and checks)."""
 
     kind: Literal["prune"]
+    name: str | None = _stage_name()
 
 
 class DistillStage(DistillConfig):
-    """Step-distil the stage's input model, as ``sdwb compress distill`` does: the keys of
-    ``configs/distill/*.yaml`` (same schema and checks). Validated now; executed by the recipe
-    runner (``sdwb run``, the recipes issue)."""
+    """Step-distil the current model, as ``sdwb compress distill`` does: the keys of
+    ``configs/distill/*.yaml`` (same schema and checks)."""
 
     kind: Literal["distill"]
+    name: str | None = _stage_name()
 
 
-# Every stage type, one model each, told apart by ``kind``. Later issues append here.
-STAGE_TYPES: tuple[type[BaseModel], ...] = (GenerateStage, PruneStage, DistillStage)
+class QuantizeStage(_Section):
+    """Quantize the current model, as ``sdwb compress quantize`` does: the keys of
+    ``configs/quantize/*.yaml`` (``method`` picks the schema; same checks). ort-* methods take an
+    export (a preceding ``export`` stage) or a torch model (exported on the fly)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    kind: Literal["quantize"]
+    name: str | None = _stage_name()
+
+    def quant_config(self):
+        """The method's typed config (:mod:`compress.quant_config`)."""
+        from compress.quant_config import parse_quant_config
+
+        return parse_quant_config(dict(self.model_extra or {}), "quantize")
+
+    @model_validator(mode="after")
+    def _check_method(self) -> QuantizeStage:
+        try:
+            self.quant_config()
+        except SdwbError as e:
+            raise ValueError(str(e).removeprefix("quantize: ")) from None
+        return self
+
+    @model_serializer(mode="wrap")
+    def _resolved(self, handler):
+        from compress.quant_config import resolved
+
+        head = {"kind": self.kind, **({"name": self.name} if self.name is not None else {})}
+        return {**head, **resolved(self.quant_config())}
+
+
+class ExportStage(_Section):
+    """Export the current model to ONNX and validate it against PyTorch, as ``sdwb export onnx``."""
+
+    kind: Literal["export"]
+    name: str | None = _stage_name()
+    format: Literal["onnx"] = Field("onnx", description="TensorRT engines need a GPU: sdwb export tensorrt")
+    opset: int = Field(18, ge=17, le=21)
+    components: list[Literal["text_encoder", "unet", "vae_decoder", "vae_encoder"]] = Field(
+        default_factory=lambda: ["text_encoder", "unet", "vae_decoder"], min_length=1)
+    slim: bool = Field(False, description="ONNX Runtime offline optimisation (basic level)")
+    max_batch: int = Field(8, ge=1, le=256, description="most images per call in the dynamic ranges")
+    exporter: Literal["auto", "torchscript", "dynamo"] = "auto"
+
+
+class BenchStage(BenchConfig):
+    """Benchmark side by side, as ``sdwb bench`` does: the keys of ``configs/bench/*.yaml``. A
+    variant's ``model`` may be ``@input`` (the current model: the latest prune / distill /
+    quantize / export artifact) or ``@NAME`` (the artifact of the stage called NAME)."""
+
+    kind: Literal["bench"]
+
+    @model_serializer(mode="wrap")
+    def _variants_as_written(self, handler):
+        data = handler(self)  # a variant's unset keys stay unset, so the dump validates again
+        data["variants"] = [v.model_dump(mode="json", include=set(v.model_fields_set) | {"name", "model"})
+                            for v in self.variants]
+        return data
+
+
+class ReportStage(_Section):
+    """Render ``report.md`` / ``report.html`` from the preceding bench stage's results (and any
+    ``extra`` results.json files), as ``sdwb report`` does."""
+
+    kind: Literal["report"]
+    name: str | None = _stage_name()
+    extra: list[str] = Field(default_factory=list, description="more results.json files to render beside")
+    images: int = Field(8, ge=0, le=64, description="images per variant in each grid")
+
+
+# Every stage type, one model each, told apart by ``kind``.
+STAGE_TYPES: tuple[type[BaseModel], ...] = (GenerateStage, PruneStage, DistillStage, QuantizeStage,
+                                            ExportStage, BenchStage, ReportStage)
 Stage = Annotated[Union[STAGE_TYPES], Field(discriminator="kind")]
+
+# Stages whose output is a model the next stages take as their input.
+MODEL_STAGES = ("prune", "distill", "quantize", "export")
+
+
+def stage_name(stage: BaseModel) -> str:
+    """The name bench variants use for a stage's artifact (``@NAME``)."""
+    return getattr(stage, "name", None) or stage.kind
+
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -102,97 +194,14 @@ class Recipe(_Section):
     bench: BenchSection = Field(default_factory=BenchSection)
     stages: list[Stage] = Field(default_factory=list)
 
-
-# --------------------------------------------------------------------------- loading
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys instead of silently keeping the last one."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
-    seen: set = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.exists():
-        raise SdwbError(f"{path}: recipe file not found")
-    if path.is_dir():
-        raise SdwbError(f"{path}: is a directory, expected a YAML recipe file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SdwbError(f"{path}: cannot read recipe: {e}") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        what = e.problem or e.context or "syntax error"
-        raise SdwbError(f"{where}: malformed YAML: {what}") from None
-    except yaml.YAMLError as e:
-        raise SdwbError(f"{path}: malformed YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SdwbError(f"{path}: expected a mapping of recipe keys at the top level, got {_kind(data)}")
-    return data
-
-
-_KEY_SEGMENT = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*|\d+)$")
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """Split ``a.b.c=value`` into the key path and the value parsed as a YAML scalar."""
-    key, sep, raw = item.partition("=")
-    segments = key.strip().split(".")
-    if not sep or not key.strip() or not all(_KEY_SEGMENT.match(s) for s in segments):
-        raise SdwbError(f"--set {item!r}: expected KEY=VALUE with a dotted key such as bench.steps=4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise SdwbError(f"--set {item!r}: value is not a YAML scalar: {' '.join(str(e).split())}") from None
-    return segments, value
-
-
-def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
-    """Return a copy of ``data`` with every ``a.b.c=value`` override applied (later ones win)."""
-    out = json.loads(json.dumps(data))  # deep copy of plain YAML data
-    for item in overrides or []:
-        segments, value = parse_override(item)
-        node: Any = out
-        for depth, seg in enumerate(segments):
-            last = depth == len(segments) - 1
-            where = ".".join(segments[: depth + 1])
-            if isinstance(node, list):
-                if not seg.isdigit() or int(seg) >= len(node):
-                    raise SdwbError(f"--set {item!r}: {where}: no such list item (list has {len(node)})")
-                if last:
-                    node[int(seg)] = value
-                else:
-                    node = node[int(seg)]
-            elif isinstance(node, dict):
-                if last:
-                    node[seg] = value
-                elif seg not in node and segments[depth + 1].isdigit():
-                    raise SdwbError(f"--set {item!r}: {where} is not a list here, cannot index it")
-                else:
-                    node = node.setdefault(seg, {})
-            else:
-                parent = ".".join(segments[:depth])
-                raise SdwbError(f"--set {item!r}: {parent} is a {_kind(node)}, not a section")
-    return out
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> Recipe:
+        names = [stage_name(st) for st in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stages: more than one stage is called {', '.join(dupes)} "
+                             "(give each a distinct 'name')")
+        return self
 
 
 def recipe_from_dict(data: dict, source: str = "recipe", overrides: list[str] | None = None) -> Recipe:
@@ -214,10 +223,37 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is None:
         return recipe_from_dict({}, "recipe defaults", overrides)
     path = Path(path)
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if "name" not in data and re.match(_NAME_PATTERN, path.stem):
         data["name"] = path.stem
+    data = expand_includes(data, path)
     return recipe_from_dict(data, str(path), overrides)
+
+
+def expand_includes(data: dict, recipe_file: Path) -> dict:
+    """Replace each stage's ``include: FILE`` with that file's keys, the stage's own keys winning.
+
+    Why: a stage takes exactly the keys of ``configs/prune/*.yaml`` (etc.), so a recipe names the
+    file instead of copying it. FILE is relative to the working directory, else to the recipe's
+    folder. What the hash and ``config check`` see is the merged result, never the file name.
+    """
+    stages = data.get("stages")
+    if not isinstance(stages, list):
+        return data
+    out = []
+    for i, stage in enumerate(stages):
+        if isinstance(stage, dict) and "include" in stage:
+            name = stage["include"]
+            if not isinstance(name, str) or not name:
+                raise SdwbError(f"{recipe_file}: stages.{i}.include: expected a file path, got {_kind(name)}")
+            found = next((c for c in (Path(name), recipe_file.parent / name) if c.is_file()), None)
+            if found is None:
+                raise SdwbError(f"{recipe_file}: stages.{i}.include: {name}: file not found")
+            merged = read_yaml(found)
+            merged.update({k: v for k, v in stage.items() if k != "include"})
+            stage = merged
+        out.append(stage)
+    return {**data, "stages": out}
 
 
 def resolved_dict(recipe: Recipe) -> dict:
@@ -238,11 +274,6 @@ def config_hash(recipe: Recipe | dict, length: int = 12) -> str:
 
 
 # --------------------------------------------------------------------------- error messages
-
-
-def _kind(value: Any) -> str:
-    return {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer",
-            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _short(value: Any, limit: int = 60) -> str:

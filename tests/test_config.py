@@ -42,7 +42,7 @@ def test_baseline_recipe_loads():
     assert recipe.model == "builtin:tiny-shapes"
     assert recipe.generate.scheduler in ("ddim", "euler", "dpmpp")
     assert recipe.bench.repeats >= 1 and recipe.bench.backend == "torch"
-    assert [s.kind for s in recipe.stages] == ["generate"]
+    assert [s.kind for s in recipe.stages] == ["generate", "bench", "report"]
 
 
 RECIPES = sorted(p for d in ("recipes", "examples") for p in (ROOT / "configs" / d).rglob("*.yaml"))
@@ -175,7 +175,7 @@ def test_bad_set_value_and_path():
     msg = error_of(BASELINE, ["bench.steps=0"])
     assert "bench.steps" in msg and "--set" in msg and str(BASELINE) in msg
     assert "bench.stepz" in error_of(BASELINE, ["bench.stepz=4"])
-    assert "not a section" in error_of(BASELINE, ["bench.steps.x=1"])
+    assert "not a section" in error_of(BASELINE, ["generate.steps.x=1"])
     assert "stages.5" in error_of(BASELINE, ["stages.5.prompts=1"])
     assert "--set" in error_of(BASELINE, ["bench.steps=[1"])
 
