@@ -77,6 +77,13 @@ def preflight(scenarios: list[Scenario]) -> list[Scenario]:
         if device == "cuda" and not torch.cuda.is_available():
             raise SdwbError(f"variant {s.variant}: device cuda requested but CUDA is not available here")
         update = {"device": device}
+        if s.model.startswith("recipe:"):  # the final model of a recipe that has been run
+            from sdwb.recipe_run import final_model
+
+            try:
+                update["model"] = final_model(s.model)
+            except SdwbError as e:
+                raise SdwbError(f"variant {s.variant}: {e}") from None
         if s.backend == "onnxruntime":
             update["threads"] = s.threads or torch.get_num_threads()
         out.append(s.model_copy(update=update))
@@ -162,12 +169,26 @@ class _Run:
             self.rows[variant].update(summarize(timings))
         return results_frame(list(self.rows.values()))
 
+    def samples(self) -> dict[str, dict[str, list[float]]]:
+        """Per-run numbers of every timed variant (what a gate resamples)."""
+        import numpy as np
+
+        out = {}
+        for variant, timings in self.timings.items():
+            if timings:
+                out[variant] = {
+                    "e2e_s": [t.e2e_s / t.images for t in timings],
+                    "unet_ms": [1000 * float(np.mean(t.calls["unet"]))
+                                for t in timings if t.calls.get("unet")],
+                }
+        return out
+
     def save(self, partial: bool) -> pd.DataFrame:
         from bench.results import save_results
 
         df = self.frame()
         save_results(df, self.env, self.out, self.image_files, config=resolved_dict(self.config),
-                     command=self.command, prompts=self.prompts, partial=partial)
+                     command=self.command, prompts=self.prompts, partial=partial, samples=self.samples())
         return df
 
 
@@ -178,6 +199,8 @@ def _scenario_columns(s: Scenario) -> dict[str, Any]:
     import torch
 
     row = {k: getattr(s, k) for k in keys}
+    if s.unet_slowdown:
+        row["unet_slowdown"] = s.unet_slowdown  # an injected slowdown is never a silent one
     row["threads"] = s.threads or torch.get_num_threads()
     return row
 

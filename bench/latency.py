@@ -93,9 +93,10 @@ class ComponentTimer:
     resets; the wrappers are removed on exit, leaving the modules as they were.
     """
 
-    def __init__(self, pipe, clock=None):
+    def __init__(self, pipe, clock=None, unet_slowdown: float = 0.0):
         self.pipe = pipe
         self.clock = clock or CpuClock()
+        self.unet_slowdown = unet_slowdown
         self._marks: list[tuple[str, Any, Any]] = []
         self._saved: list[tuple[Any, str, Any]] = []
         self.unet_batches: list[int] = []  # leading dim of the latents of every UNet call
@@ -108,6 +109,9 @@ class ComponentTimer:
                     self.unet_batches.append(int(sample.shape[0]))
             start = self.clock.mark()
             out = fn(*args, **kwargs)
+            if name == "unet" and self.unet_slowdown:
+                self.clock.sync()
+                busy_wait(self.clock.elapsed(start, self.clock.mark()) * self.unet_slowdown)
             self._marks.append((name, start, self.clock.mark()))
             return out
 
@@ -154,9 +158,10 @@ class HookTimer:
 
     NAMES = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae_decode"}
 
-    def __init__(self, pipe, clock=None):
+    def __init__(self, pipe, clock=None, unet_slowdown: float = 0.0):
         self.pipe = pipe
         self.clock = clock or CpuClock()
+        self.unet_slowdown = unet_slowdown
         self._calls: dict[str, list[float]] = {name: [] for name in COMPONENTS}
         self.unet_batches: list[int] = []
 
@@ -164,6 +169,9 @@ class HookTimer:
         name = self.NAMES.get(component)
         if name is None:
             return
+        if name == "unet" and self.unet_slowdown:
+            busy_wait(seconds * self.unet_slowdown)
+            seconds *= 1 + self.unet_slowdown
         self._calls[name].append(seconds)
         if name == "unet" and component in self.pipe.last_batch:
             self.unet_batches.append(self.pipe.last_batch[component])
@@ -188,9 +196,17 @@ def is_exported(pipe) -> bool:
     return hasattr(pipe, "record_timings") and hasattr(pipe, "hooks")
 
 
-def timer_for(pipe, clock=None):
+def busy_wait(seconds: float) -> None:
+    """Spin (not sleep) for ``seconds``: an injected slowdown that holds a core like real work."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def timer_for(pipe, clock=None, unet_slowdown: float = 0.0):
     """The component timer that fits ``pipe``'s kind."""
-    return HookTimer(pipe, clock) if is_exported(pipe) else ComponentTimer(pipe, clock)
+    cls = HookTimer if is_exported(pipe) else ComponentTimer
+    return cls(pipe, clock, unet_slowdown=unet_slowdown)
 
 
 def generate_fn_for(pipe) -> Callable:
@@ -240,7 +256,7 @@ def timed_run(pipe, scenario, prompts: list[str], clock=None, threads: int | Non
     clock = clock or clock_for(scenario.device)
     if threads is not None:
         torch.set_num_threads(threads)
-    with timer_for(pipe, clock) as timer:
+    with timer_for(pipe, clock, unet_slowdown=getattr(scenario, "unet_slowdown", 0.0)) as timer:
         start = clock.now()
         generate_fn(pipe, prompts, steps=scenario.steps, guidance=scenario.guidance, seed=scenario.seed,
                     scheduler=scenario.scheduler, batch=scenario.batch, height=scenario.height,

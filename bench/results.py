@@ -171,11 +171,14 @@ def frame_records(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 def save_results(df: pd.DataFrame, env: dict, out_dir: str | Path, images_index: dict[str, list[str]],
                  *, config: dict | None = None, command: str | None = None,
-                 prompts: list[str] | None = None, partial: bool = False) -> tuple[Path, Path]:
+                 prompts: list[str] | None = None, partial: bool = False,
+                 samples: dict[str, dict[str, list[float]]] | None = None) -> tuple[Path, Path]:
     """Write ``results.csv`` and ``results.json`` into ``out_dir`` atomically; returns their paths.
 
     ``images_index`` maps a variant to its image paths relative to ``out_dir``; ``prompts`` are
-    the prompts of those images, in order (image i of every variant has prompt i). ``partial``
+    the prompts of those images, in order (image i of every variant has prompt i). ``samples``
+    holds each variant's per-run measurements (``e2e_s``: seconds per image of every timed run,
+    ``unet_ms``: mean UNet call of every run), what ``sdwb gate`` bootstraps. ``partial``
     writes ``results.partial.*`` (``"complete": false``) and leaves earlier results alone; a
     complete save removes the partial files.
     """
@@ -192,6 +195,7 @@ def save_results(df: pd.DataFrame, env: dict, out_dir: str | Path, images_index:
         "rows": frame_records(df),
         "prompts": prompts or [],
         "images": images_index,
+        "samples": samples or {},
     }
     csv_path = atomic_write_text(out / csv_name, df.to_csv(index=False))
     json_path = atomic_write_text(out / json_name, json.dumps(payload, indent=2, default=str) + "\n")

@@ -24,8 +24,9 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
 
-from sdwb.config import Backend, DType, Scheduler, _read_yaml, apply_overrides, parse_override
 from sdwb.errors import SdwbError
+from sdwb.yaml_io import Backend, DType, Scheduler, apply_overrides, parse_override
+from sdwb.yaml_io import read_yaml as _read_yaml
 
 Metric = Literal["latency", "memory", "quality"]
 METRICS: tuple[str, ...] = ("latency", "memory", "quality")
@@ -58,6 +59,8 @@ class Settings(BaseModel):
     repeats: int = Field(5, ge=1, description="timed runs per variant (interleaved across variants)")
     metrics: list[Metric] = Field(default_factory=lambda: list(METRICS), min_length=1)
     judge: str = Field("builtin:shapes-judge", min_length=1, description="CLIP judge for quality")
+    unet_slowdown: float = Field(0.0, ge=0.0, le=10.0, description="gate self-test: after every timed UNet "
+                                 "call, busy-wait this fraction of its time (0.15 = a 15% slower UNet)")
 
 
 def _optional(field: FieldInfo) -> tuple[Any, FieldInfo]:
