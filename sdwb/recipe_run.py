@@ -130,6 +130,11 @@ def plan(recipe: Recipe, store: str | Path = DEFAULT_STORE) -> list[PlannedStage
                             f"stages.{i} ({stage.kind}): variant {v.name}: {v.model} names no "
                             f"earlier model stage (known here: {known})"
                         )
+                elif not v.model.startswith(RECIPE_PREFIX):
+                    try:  # new weights behind the same name must not reuse old results
+                        ref_keys[v.model] = "model:" + model_fingerprint(v.model)
+                    except SdwbError:
+                        pass  # not resolvable now: the bench stage reports it when it runs
             payload["refs"] = ref_keys
         if stage.kind == "report":
             if last_bench is None:
@@ -157,17 +162,25 @@ def recipe_path(name_or_path: str) -> Path:
 
 
 def final_model(recipe_spec: str, store: str | Path = DEFAULT_STORE) -> str:
-    """``recipe:NAME`` -> the artifact of that recipe's last model stage (it must have run)."""
-    name = recipe_spec.removeprefix(RECIPE_PREFIX)
+    """``recipe:NAME`` -> the artifact of that recipe's last model stage; ``recipe:NAME@STAGE`` ->
+    the artifact of its stage called STAGE (it must have run)."""
+    name, _, wanted = recipe_spec.removeprefix(RECIPE_PREFIX).partition("@")
     path = recipe_path(name)
     recipe = load_recipe(path)
     stages = [p for p in plan(recipe, store) if p.kind in MODEL_STAGES]
+    if wanted:
+        chosen = [p for p in stages if p.name == wanted]
+        if not chosen:
+            known = ", ".join(p.name for p in stages) or "none"
+            raise SdwbError(f"{recipe_spec}: the recipe has no model stage called {wanted} "
+                            f"(model stages: {known})")
+        stages = stages[: stages.index(chosen[0]) + 1]
     if not stages:
         return recipe.model
     last = stages[-1]
     if not last.done:
         raise SdwbError(
-            f"{recipe_spec}: the recipe has not been run to its {last.kind} stage yet (sdwb run {path})"
+            f"{recipe_spec}: the recipe has not been run to its {last.name} stage yet (sdwb run {path})"
         )
     return str(last.out)
 

@@ -140,8 +140,11 @@ def test_recipe_spec_names_a_recipes_final_model(tiny_pipeline_dir, tmp_path, mo
     Path("configs/recipes/mine.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(SdwbError, match=r"recipe:mine: the recipe has not been run to its prune stage"):
         final_model("recipe:mine")
+    with pytest.raises(SdwbError, match=r"recipe:mine@export: the recipe has no model stage called export"):
+        final_model("recipe:mine@export")
     run_recipe(load_recipe("configs/recipes/mine.yaml"), progress=False)
-    assert final_model("recipe:mine") == str(plan(load_recipe("configs/recipes/mine.yaml"))[0].out)
+    pruned = str(plan(load_recipe("configs/recipes/mine.yaml"))[0].out)
+    assert final_model("recipe:mine") == final_model("recipe:mine@prune") == pruned
 
 
 def test_cli_run_dry_run_and_errors(tiny_pipeline_dir, tmp_path):
