@@ -370,11 +370,12 @@ def run(
     _quiet_library_progress()
     result = run_recipe(recipe, store=store, out=out, progress=progress, command=python_command(),
                         until=until, say=lambda m: console.print(f"[dim]{m}[/]"))
-    ran = sum(1 for v in result.status.values() if v == "ran")
-    typer.echo(f"recipe {recipe.name}: {ran} stage(s) ran, {len(result.stages) - ran} reused; "
+    counts = {k: sum(1 for v in result.status.values() if v == k) for k in ("ran", "cached", "pending")}
+    left = f", {counts['pending']} left for later" if counts["pending"] else ""
+    typer.echo(f"recipe {recipe.name}: {counts['ran']} stage(s) ran, {counts['cached']} reused{left}; "
                f"record in {result.run_dir / 'run.json'}")
     final = [p for p in result.stages if p.kind in ("prune", "distill", "quantize", "export")]
-    if final:
+    if final and final[-1].done:
         typer.echo(f"model: {final[-1].out}")
     report = result.report()
     if report is not None:

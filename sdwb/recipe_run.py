@@ -195,9 +195,9 @@ class RunResult:
     seconds: dict[int, float]
 
     def report(self) -> Path | None:
-        """The last report stage's ``report.html``, if the recipe has one."""
+        """The last report stage's ``report.html``, if the recipe has one and it has been made."""
         reports = [p for p in self.stages if p.kind == "report"]
-        return reports[-1].out / "report.html" if reports else None
+        return reports[-1].out / "report.html" if reports and reports[-1].done else None
 
 
 def run_recipe(
