@@ -1,6 +1,8 @@
 # sd-workbench: the two commands of the README, plus lint.
-#   make demo   create the environment, then run the main job on the builtin model
+#   make demo   create the environment, then run the main job on the builtin model: the demo
+#               recipe (prune -> export -> int8 -> bench -> report) via `sdwb run`
 #   make test   create the environment, then run the test suite
+#   make gate   the CI performance gate: a small benchmark against reports/baselines/
 # The environment is .venv/; a stamp file makes re-runs skip the install until pyproject.toml
 # changes. On machines without nvidia-smi the CPU build of torch is installed first, so pip
 # does not pull a multi-GB CUDA build; override with TORCH_CPU="torch==X --index-url URL".
@@ -19,7 +21,10 @@ DEMO_PROMPTS := -p "a small red circle at the top on a gray background" \
 	-p "a small yellow triangle in the center on a black background" \
 	-p "a large green circle at the bottom on a gray background"
 
-.PHONY: venv test demo lint
+GATE_DIR ?= runs/ci-gate
+GATE_BASELINE ?= reports/baselines/tiny-shapes-cpu.json
+
+.PHONY: venv test demo lint gate
 
 venv: $(STAMP)
 
@@ -46,9 +51,10 @@ demo: venv
 	$(BIN)/sdwb data preview -n 16 -o $(DEMO_DIR)/data.png
 	$(BIN)/sdwb generate --model builtin:tiny-shapes $(DEMO_PROMPTS) --steps 25 -o $(DEMO_DIR)/generated.png
 	$(BIN)/sdwb baseline eval --prompts 54 --steps 25 --grid $(DEMO_DIR)/eval-grid.png
-	$(BIN)/sdwb export onnx --model builtin:tiny-shapes -o $(DEMO_DIR)/onnx
-	$(BIN)/sdwb generate --backend onnxruntime --model $(DEMO_DIR)/onnx $(DEMO_PROMPTS) --steps 25 \
-		-o $(DEMO_DIR)/generated-onnxruntime.png
-	$(BIN)/sdwb bench configs/bench/demo.yaml -o $(DEMO_DIR)/bench
-	$(BIN)/sdwb report $(DEMO_DIR)/bench/results.json -o $(DEMO_DIR)/report
-	@echo "demo outputs in $(DEMO_DIR)/; the report is $(DEMO_DIR)/report/report.html (and report.md)"
+	$(BIN)/sdwb run configs/recipes/demo.yaml --out $(DEMO_DIR)
+	@echo "demo outputs in $(DEMO_DIR)/ (run.json: every stage); the report is $(DEMO_DIR)/report/report.html (and report.md)"
+
+gate: venv
+	$(BIN)/sdwb bench configs/bench/ci-gate.yaml -o $(GATE_DIR) --no-progress
+	$(BIN)/sdwb gate --baseline $(GATE_BASELINE) --candidate $(GATE_DIR)/results.json -c configs/gate/ci.yaml \
+		-o $(GATE_DIR)/gate --no-progress
