@@ -52,7 +52,9 @@ class GenerateSection(_Section):
 
 
 class BenchSection(_Section):
-    """How variants are benchmarked (used by ``bench/``)."""
+    """Recipe-wide benchmark settings: every ``bench`` stage takes the keys set here for the keys
+    its own ``defaults:`` leave unset (``prompts`` is a bench config's ``n_prompts``). Keys not
+    written in the recipe are not passed on, so a model's own inference defaults still apply."""
 
     steps: int = Field(30, ge=1, le=1000)
     guidance: float = Field(7.5, ge=0.0)

@@ -136,6 +136,8 @@ def plan(recipe: Recipe, store: str | Path = DEFAULT_STORE) -> list[PlannedStage
                     except SdwbError:
                         pass  # not resolvable now: the bench stage reports it when it runs
             payload["refs"] = ref_keys
+            own = stage.defaults.model_fields_set
+            payload["recipe_bench"] = {k: v for k, v in recipe_bench_defaults(recipe).items() if k not in own}
         if stage.kind == "report":
             if last_bench is None:
                 raise SdwbError(f"stages.{i} (report): no bench stage before it to render")
@@ -151,6 +153,13 @@ def plan(recipe: Recipe, store: str | Path = DEFAULT_STORE) -> list[PlannedStage
             artifacts[stage_name(stage)] = (current_spec, current_key)
         planned.append(p)
     return planned
+
+
+def recipe_bench_defaults(recipe: Recipe) -> dict:
+    """The keys the recipe's ``bench:`` section sets, as bench-config ``defaults:`` keys."""
+    rename = {"prompts": "n_prompts"}
+    section = recipe.bench
+    return {rename.get(k, k): getattr(section, k) for k in sorted(section.model_fields_set)}
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -408,6 +417,8 @@ def _run_bench(p, recipe, *, progress, say, command) -> None:
 
     data = p.stage.model_dump(mode="json")  # variants keep only the keys they set
     data.pop("kind", None)
+    own = p.stage.defaults.model_fields_set
+    data["defaults"].update({k: v for k, v in recipe_bench_defaults(recipe).items() if k not in own})
     for v in data["variants"]:
         if v["model"] in p.refs:
             v["model"] = p.refs[v["model"]]

@@ -124,6 +124,13 @@ def test_run_until_then_resume_reuses_finished_stages(tiny_pipeline_dir, tmp_pat
     third = run_recipe(recipe, store=store, run_root=runs, progress=False)
     assert set(third.status.values()) == {"cached"}
 
+    # recipe-wide bench settings fill what a bench stage's defaults leave unset, and re-key it
+    def bench_key(section: dict) -> str:
+        return plan(recipe_from_dict({**tiny_recipe(str(tiny_pipeline_dir)), "bench": section}), store)[2].key
+
+    assert bench_key({"steps": 3}) == second.stages[2].key  # the stage sets steps itself
+    assert bench_key({"steps": 3, "dtype": "bf16"}) != second.stages[2].key  # dtype is inherited
+
     # a bench killed half-way (no stage.json, partial output) is started over, the rest reused
     (second.stages[2].dir / "stage.json").unlink()
     (second.stages[2].out / "results.json").unlink()
