@@ -197,15 +197,23 @@ def _higher_is_worse(metric: str, base: float | None, cand: float | None, pct: f
     return Check(metric, status, base, cand, f"{change:+.1f} %", limit, "one fresh-process measurement each")
 
 
-def _drop_check(metric: str, row_b: dict, row_c: dict, key: str, allowed: float | None) -> Check:
-    base, cand = _num(row_b, key), _num(row_c, key)
+def _drop_check(metric: str, row_b: dict, row_c: dict, key: str, allowed: float | None,
+                scale: float = 1.0) -> Check:
+    """Lower is worse; ``scale`` turns the stored value into the threshold's unit (accuracies are
+    stored as fractions in results.json and gated in percentage points: scale 100)."""
+
+    def value(row: dict, k: str) -> float | None:
+        v = _num(row, k)
+        return None if v is None else v * scale
+
+    base, cand = value(row_b, key), value(row_c, key)
     limit = f"-{allowed:g} points" if allowed is not None else "not gated"
     if allowed is None or base is None or cand is None:
         return Check(
             metric, "skipped", base, cand, "", limit, "not measured in both" if allowed is not None else ""
         )
     delta = cand - base
-    lo, hi = _num(row_c, key + "_lo"), _num(row_c, key + "_hi")
+    lo, hi = value(row_c, key + "_lo"), value(row_c, key + "_hi")
     interval = f"; candidate 95% interval [{lo:.1f}, {hi:.1f}]" if lo is not None and hi is not None else ""
     status: Status = "regression" if -delta > allowed + 1e-9 else "pass"
     return Check(
@@ -248,6 +256,7 @@ def compare(
                 cand_row,
                 key,
                 t.accuracy_drop,
+                scale=100.0,  # results.json stores accuracies as fractions
             )
         )
     return checks

@@ -30,8 +30,9 @@ def timings(n: int, scale: float = 1.0, seed: int = 0, noise: float = 0.03) -> l
 
 
 def row(**kw) -> dict:
-    base = {"variant": "v", "peak_rss_mb": 400.0, "clip_score": 90.0, "color_acc": 100.0, "shape_acc": 80.0,
-            "position_acc": 100.0}
+    # as sdwb bench writes them: CLIP score 0-100, accuracies as fractions
+    base = {"variant": "v", "peak_rss_mb": 400.0, "clip_score": 90.0, "color_acc": 1.0, "shape_acc": 0.80,
+            "position_acc": 1.0}
     return {**base, **kw}
 
 
@@ -54,9 +55,11 @@ def test_compare_flags_each_metric_beyond_its_threshold():
     assert {c.metric: c.status for c in slow}["latency (s/image)"] == "regression"
     assert verdict(slow) == "regression"
 
-    worse = compare(row(), {}, row(shape_acc=74.0, peak_rss_mb=480.0, clip_score=89.5), {}, cfg)
+    worse_row = row(shape_acc=0.74, color_acc=0.98, peak_rss_mb=480.0, clip_score=89.5)
+    worse = compare(row(), {}, worse_row, {}, cfg)
     status = {c.metric: c.status for c in worse}
     assert status["shape accuracy %"] == "regression"  # -6 points > 3 allowed
+    assert status["colour accuracy %"] == "pass"  # -2 points within 3
     assert status["peak RSS (MB)"] == "regression"  # +20 % > 10 allowed
     assert status["CLIP score"] == "pass"  # -0.5 within 1.0
     assert status["latency (s/image)"] == "skipped"  # no per-run samples: not decided on one number
@@ -67,7 +70,7 @@ def test_compare_flags_each_metric_beyond_its_threshold():
 
 def test_junit_and_config_errors():
     cfg = GateConfig()
-    checks = compare(row(), {}, row(color_acc=90.0), {}, cfg)
+    checks = compare(row(), {}, row(color_acc=0.90), {}, cfg)
     path = write_junit(Path(pytest.importorskip("tempfile").mkdtemp()) / "g.xml", "suite", checks)
     suite = ET.parse(path).getroot()
     assert suite.get("failures") == "1" and int(suite.get("tests")) == len(checks)
@@ -132,6 +135,19 @@ def test_cli_files_form_exit_codes_and_outputs(tmp_path, capsys):
     assert code == 2 and "results file not found" in out and len(out.strip().splitlines()) == 1
     code, out = sdwb_exit(["gate", "--ab", "a", "b", "--baseline", str(base)], capsys)
     assert code == 2 and "not both" in out
+
+
+def test_committed_baseline_gates_itself_and_a_worse_copy(tmp_path, capsys):
+    committed = ROOT / "reports/baselines/tiny-shapes-cpu.json"
+    data = json.loads(committed.read_text())
+    gate = ["gate", "--baseline", str(committed), "-c", str(ROOT / "configs/gate/ci.yaml"), "--candidate"]
+    code, out = sdwb_exit([*gate, str(committed), "-o", str(tmp_path / "same")], capsys)
+    assert code == 0, out
+    data["rows"][0]["shape_acc"] -= 0.05  # five points, in the units results.json stores
+    worse = tmp_path / "worse.json"
+    worse.write_text(json.dumps(data))
+    code, out = sdwb_exit([*gate, str(worse), "-o", str(tmp_path / "worse")], capsys)
+    assert code == 1 and "shape accuracy % -5.00 points (regression)" in out
 
 
 def test_ab_measures_both_and_catches_an_injected_slowdown(tiny_pipeline_dir, tmp_path, capsys):
