@@ -271,19 +271,15 @@ def verdict(checks: list[Check]) -> str:
 
 
 def read_results(path: str | Path) -> dict:
-    """A ``results.json`` (or a directory holding one) as a dict, with one-line errors."""
-    import json
+    """A complete ``results.json`` (or a directory holding one) as a dict, with one-line errors
+    (read by :mod:`bench.results`; a directory's partial results are not taken)."""
+    from bench.results import RESULTS_JSON, _read_json, _results_file
 
     path = Path(path)
     if path.is_dir():
-        path = path / "results.json"
-    if not path.is_file():
-        raise SdwbError(f"{path}: results file not found (expected a results.json written by sdwb bench)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise SdwbError(f"{path}: cannot read results: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not data["rows"]:
+        path = path / RESULTS_JSON
+    data = _read_json(_results_file(path))
+    if not data["rows"]:
         raise SdwbError(f"{path}: not a results file (expected an object with a non-empty 'rows' list)")
     return data
 

@@ -171,17 +171,9 @@ class _Run:
 
     def samples(self) -> dict[str, dict[str, list[float]]]:
         """Per-run numbers of every timed variant (what a gate resamples)."""
-        import numpy as np
+        from bench.latency import run_samples
 
-        out = {}
-        for variant, timings in self.timings.items():
-            if timings:
-                out[variant] = {
-                    "e2e_s": [t.e2e_s / t.images for t in timings],
-                    "unet_ms": [1000 * float(np.mean(t.calls["unet"]))
-                                for t in timings if t.calls.get("unet")],
-                }
-        return out
+        return {variant: run_samples(timings) for variant, timings in self.timings.items() if timings}
 
     def save(self, partial: bool) -> pd.DataFrame:
         from bench.results import save_results

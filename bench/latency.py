@@ -345,6 +345,15 @@ def summarize(timings: list[RunTiming]) -> dict[str, Any]:
     }
 
 
+def run_samples(timings: list[RunTiming]) -> dict[str, list[float]]:
+    """One variant's per-run numbers, what ``sdwb gate`` resamples: ``e2e_s`` (seconds per image
+    of every timed run) and ``unet_ms`` (mean UNet call of every run that made one)."""
+    return {
+        "e2e_s": [t.e2e_s / t.images for t in timings],
+        "unet_ms": [1000 * float(np.mean(t.calls["unet"])) for t in timings if t.calls.get("unet")],
+    }
+
+
 @contextlib.contextmanager
 def fixed_threads(threads: int | None) -> Iterator[int]:
     """Run a block with ``torch.set_num_threads(threads)`` (None: unchanged); yields the count."""

@@ -259,9 +259,15 @@ def quick_config(models: list[str], *, name: str = "quick", overrides: list[str]
 def resolved_dict(config: BenchConfig) -> dict:
     """The config with defaults filled in, plus its expanded scenarios, as plain data."""
     out = config.model_dump(mode="json", exclude_unset=False)
-    out["variants"] = [v.model_dump(mode="json", include=set(v.model_fields_set) | {"name", "model"})
-                       for v in config.variants]
+    out["variants"] = variants_as_written(config)
     return out
+
+
+def variants_as_written(config: BenchConfig) -> list[dict]:
+    """Each variant as plain data with only the keys it sets (so the dump validates again and a
+    variant's unset keys keep falling back to the defaults and the model's own settings)."""
+    return [v.model_dump(mode="json", include=set(v.model_fields_set) | {"name", "model"})
+            for v in config.variants]
 
 
 # --------------------------------------------------------------------------- prompts

@@ -9,7 +9,6 @@ Heavy libraries (torch, diffusers) are imported inside the commands so ``sdwb --
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -139,18 +138,6 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _image_grid(images: list, columns: int):
-    """Paste equally sized PIL images into a grid, row-major."""
-    from PIL import Image
-
-    w, h = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % columns) * w, (i // columns) * h))
-    return grid
-
-
 GENERATE_HELP = (
     "Generate images from a model.\n\n"
     "One image is written to OUTPUT. With several (more than one --prompt, or --batch > 1) OUTPUT is a "
@@ -247,11 +234,13 @@ def generate(
         atomic_save_image(images[0], output)
         files.append(str(output))
     else:
+        from sdwb.generate import image_grid
+
         for k, img in enumerate(images):
             path = output.with_name(f"{output.stem}-{k:03d}{output.suffix}")
             atomic_save_image(img, path)
             files.append(str(path))
-        atomic_save_image(_image_grid(images, columns=g.batch if len(prompt) > 1 else len(images)), output)
+        atomic_save_image(image_grid(images, columns=g.batch if len(prompt) > 1 else len(images)), output)
     record = {
         "command": "generate",
         "sdwb_version": __version__,

@@ -154,9 +154,10 @@ class BenchStage(BenchConfig):
 
     @model_serializer(mode="wrap")
     def _variants_as_written(self, handler):
-        data = handler(self)  # a variant's unset keys stay unset, so the dump validates again
-        data["variants"] = [v.model_dump(mode="json", include=set(v.model_fields_set) | {"name", "model"})
-                            for v in self.variants]
+        from bench.scenario import variants_as_written
+
+        data = handler(self)
+        data["variants"] = variants_as_written(self)
         return data
 
 

@@ -9,6 +9,7 @@ compressed variant with its baseline image by image.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import get_args
 
 import numpy as np
@@ -51,6 +52,18 @@ def _progress(enabled: bool, total: int):
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task("generate", total=total)
         yield lambda: bar.advance(task)
+
+
+def image_grid(images: list, columns: int):
+    """Paste equally sized PIL images into a grid, row-major."""
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % columns) * w, (i // columns) * h))
+    return grid
 
 
 def generate(

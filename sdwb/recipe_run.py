@@ -380,7 +380,7 @@ def _run_export(p, recipe, *, progress, say, command) -> None:
 
 def _run_generate(p, recipe, *, progress, say, command) -> None:
     from sdwb import shapes
-    from sdwb.generate import generate
+    from sdwb.generate import generate, image_grid
     from sdwb.loading import load_pipeline
     from sdwb.runs import atomic_dir, atomic_save_image
 
@@ -401,12 +401,10 @@ def _run_generate(p, recipe, *, progress, say, command) -> None:
         width=g.width,
         progress=progress,
     )
-    from sdwb.cli import _image_grid
-
     with atomic_dir(p.out) as tmp:
         for k, image in enumerate(images):
             atomic_save_image(image, tmp / f"{k:03d}.png")
-        atomic_save_image(_image_grid(images, columns=min(8, len(images))), tmp / "grid.png")
+        atomic_save_image(image_grid(images, columns=min(8, len(images))), tmp / "grid.png")
         (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
 
 

@@ -32,7 +32,7 @@ def main() -> None:
 
     from bench.gate import ab_bench_config, compare, load_gate_config
     from bench.harness import preflight
-    from bench.latency import measure
+    from bench.latency import measure, run_samples
     from bench.results import environment
     from bench.scenario import load_prompts
     from sdwb.loading import load_pipeline
@@ -48,9 +48,7 @@ def main() -> None:
     for t in range(args.trials):
         for kind in kinds:
             timings = measure({"baseline": pipe, "candidate": pipe}, scenarios[kind], prompts)
-            samples = {v: {"e2e_s": [r.e2e_s / r.images for r in runs],
-                           "unet_ms": [1000 * float(np.mean(r.calls["unet"])) for r in runs]}
-                       for v, runs in timings.items()}
+            samples = {v: run_samples(runs) for v, runs in timings.items()}
             checks = compare({}, samples["baseline"], {}, samples["candidate"], cfg)
             latency = next(c for c in checks if c.metric.startswith("latency"))
             ratio = np.median(samples["candidate"]["e2e_s"]) / np.median(samples["baseline"]["e2e_s"])
