@@ -43,15 +43,36 @@ def test_caption_dropout_curriculum_switches_at_its_step_fractions():
         min_snr_gamma=5.0,
         phases=[
             {"start": 0.6, "caption_dropout": 0.3, "min_snr_gamma": None},
-            {"start": 0.8, "caption_dropout": 0.5, "min_snr_gamma": None},
+            {"start": 0.8, "caption_dropout": 0.5, "min_snr_gamma": None, "agreement_weight": 3.0},
         ],
     )
-    assert uc.phase_at(0) == (0.1, 5.0)
-    assert uc.phase_at(59) == (0.1, 5.0)
-    assert uc.phase_at(60) == (0.3, None)
-    assert uc.phase_at(80) == (0.5, None)
-    assert uc.phase_at(99) == (0.5, None)
-    assert UnetTrain(steps=10, phases=[]).phase_at(9) == (0.1, 5.0)  # no phases: top-level values throughout
+    assert uc.phase_at(0) == (0.1, 5.0, 0.0)
+    assert uc.phase_at(59) == (0.1, 5.0, 0.0)
+    assert uc.phase_at(60) == (0.3, None, 0.0)
+    assert uc.phase_at(80) == (0.5, None, 3.0)
+    assert uc.phase_at(99).agreement_weight == 3.0
+    # no phases: top-level values throughout
+    assert UnetTrain(steps=10, phases=[], agreement_weight=1.0).phase_at(9) == (0.1, 5.0, 1.0)
+
+
+def test_agreement_rows_are_the_captioned_low_noise_samples():
+    import torch
+
+    from sdwb.train.unet import agreement_rows
+
+    t = torch.tensor([0, 399, 400, 999, 10, 10])
+    dropped = torch.tensor([False, False, False, False, True, False])
+    assert agreement_rows(t, dropped, 400, 3.0).tolist() == [True, True, False, False, False, True]
+    assert not agreement_rows(t, dropped, 400, 0.0).any()  # weight 0: the loss is off
+
+
+def test_shipped_config_trains_branch_agreement_late():
+    from sdwb.train.config import load_train_config
+
+    uc = load_train_config("configs/baseline/tiny-shapes.yaml").unet
+    assert uc.phase_at(0).agreement_weight == 0.0
+    assert uc.phase_at(uc.steps - 1).agreement_weight > 0
+    assert load_train_config("configs/baseline/tiny-shapes.yaml") == load_train_config(None)
 
 
 def test_curriculum_phases_out_of_order_are_a_config_error(tmp_path):

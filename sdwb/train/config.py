@@ -7,7 +7,7 @@ Why: the shipped models must be reproducible from a command and a config that va
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -50,12 +50,23 @@ class UnetPhase(_Strict):
     start: float = Field(ge=0, lt=1, description="fraction of unet.steps where this phase begins")
     caption_dropout: float = Field(ge=0, lt=1)
     min_snr_gamma: float | None = None
+    agreement_weight: float = Field(
+        0.0, ge=0, description="weight of the low-noise branch-agreement loss in this phase (0 = off)"
+    )
+
+
+class PhaseSettings(NamedTuple):
+    """What the UNet's loss uses at one step (see :meth:`UnetTrain.phase_at`)."""
+
+    caption_dropout: float
+    min_snr_gamma: float | None
+    agreement_weight: float
 
 
 def _shipped_curriculum() -> list[UnetPhase]:
     return [
-        UnetPhase(start=0.6, caption_dropout=0.3, min_snr_gamma=None),
-        UnetPhase(start=0.8, caption_dropout=0.5, min_snr_gamma=None),
+        UnetPhase(start=0.6, caption_dropout=0.3, min_snr_gamma=None, agreement_weight=3.0),
+        UnetPhase(start=0.8, caption_dropout=0.5, min_snr_gamma=None, agreement_weight=3.0),
     ]
 
 
@@ -72,6 +83,15 @@ class UnetTrain(_Strict):
     )
     latent_pool: int = Field(32768, ge=1, description="pre-encoded training images (random templates)")
     lr_floor: float = Field(0.25, ge=0, le=1, description="cosine decay ends at this fraction of lr")
+    agreement_weight: float = Field(
+        0.0,
+        ge=0,
+        description="branch agreement: for captioned samples with t < agreement_t_max, the empty-caption "
+        "prediction is also trained toward the (stop-gradient) captioned one, weighted by this; 0 = off",
+    )
+    agreement_t_max: int = Field(
+        400, ge=1, le=1000, description="branch agreement applies below this timestep"
+    )
     phases: list[UnetPhase] = Field(
         default_factory=_shipped_curriculum,
         description="later phases that change caption_dropout / min_snr_gamma (a curriculum); "
@@ -85,14 +105,14 @@ class UnetTrain(_Strict):
             raise ValueError(f"phases must start at strictly increasing fractions, got {starts}")
         return self
 
-    def phase_at(self, step: int) -> tuple[float, float | None]:
-        """(caption_dropout, min_snr_gamma) in force at ``step``: a pure function of the step, so a
-        resumed run continues the curriculum exactly where it was killed."""
-        dropout, gamma = self.caption_dropout, self.min_snr_gamma
+    def phase_at(self, step: int) -> PhaseSettings:
+        """The settings in force at ``step``: a pure function of the step, so a resumed run
+        continues the curriculum exactly where it was killed."""
+        now = PhaseSettings(self.caption_dropout, self.min_snr_gamma, self.agreement_weight)
         for phase in self.phases:
             if step >= phase.start * self.steps:
-                dropout, gamma = phase.caption_dropout, phase.min_snr_gamma
-        return dropout, gamma
+                now = PhaseSettings(phase.caption_dropout, phase.min_snr_gamma, phase.agreement_weight)
+        return now
 
 
 class EvalConfig(_Strict):
