@@ -79,7 +79,8 @@ _MODELS = (
         name="builtin:tiny-shapes-4step",
         description="tiny-shapes step-distilled to 4 DDIM steps with classifier-free guidance "
         "distilled in (progressive + guidance distillation, configs/distill/distill4.yaml): one UNet "
-        "call per step; its sdwb.json sets 4 steps, ddim, guidance 1.0",
+        "call per step; its sdwb.json sets 4 steps, ddim, guidance 1.0 (distilled from the previous "
+        "tiny-shapes weights, git commit bc35f7d; its sdwb.json holds their hashes)",
         quality_metrics=True,
         kind="pipeline",
         asset="tiny-shapes-4step",
