@@ -5,7 +5,7 @@ captions, plain MSE, constant LR (default 1.25e-4 = the shipped run's final LR),
 autocast, a fresh AdamW and an EMA with decay 0.995, on a pool of 8192 pre-encoded training
 images. With WEIGHT > 0 it adds the branch-agreement loss: for captioned samples with t < T0 the
 empty-caption prediction on the same noisy input is trained toward the stop-gradient captioned
-one (the same loss as sdwb.train.unet.agreement_rows, weighted by WEIGHT * rows / batch). Saves
+one (rows from sdwb.train.unet.agreement_rows, weighted by WEIGHT * rows / batch). Saves
 OUT/model (a diffusers pipeline) and OUT/log.json; score it with
 ``sdwb baseline eval -m OUT/model --prompts 270``.
 
@@ -26,7 +26,14 @@ from sdwb.loading import load_pipeline
 from sdwb.train.baseline import save_pipeline
 from sdwb.train.common import EMA, autocast, step_generator
 from sdwb.train.config import load_train_config
-from sdwb.train.unet import _Denoiser, build_latent_pool, tokenize, training_scheduler, training_target
+from sdwb.train.unet import (
+    _Denoiser,
+    agreement_rows,
+    build_latent_pool,
+    tokenize,
+    training_scheduler,
+    training_target,
+)
 
 out = Path(sys.argv[1])
 steps = int(sys.argv[2])
@@ -61,7 +68,7 @@ for step in range(steps):
     t = torch.randint(0, 1000, (B,), generator=gen)
     noisy = sched.add_noise(lat, noise, t)
     target = training_target(sched, lat, noise, t)
-    agree_mask = (t < t0) & ~drop if lam > 0 else torch.zeros(B, dtype=torch.bool)
+    agree_mask = agreement_rows(t, drop, t0, lam)
     k = int(agree_mask.sum())
     with autocast(dev, "bf16"):
         if k:

@@ -94,7 +94,8 @@ class UnetTrain(_Strict):
     )
     phases: list[UnetPhase] = Field(
         default_factory=_shipped_curriculum,
-        description="later phases that change caption_dropout / min_snr_gamma (a curriculum); "
+        description="later phases that change caption_dropout / min_snr_gamma / agreement_weight "
+        "(a curriculum); "
         "before the first one, the top-level values apply",
     )
 

@@ -173,16 +173,13 @@ def train_unet(cfg: BaselineTrainConfig, vae, tokenizer, work_dir: Path, acceler
         noisy = noise_scheduler.add_noise(latents, noise, t)
         agree = agreement_rows(t, dropped, uc.agreement_t_max, phase.agreement_weight)
         extra = int(agree.sum())
-        with autocast(device, cfg.precision):
-            if extra:  # the same noisy inputs once more, captions emptied: one forward for both
-                out = model(
-                    torch.cat([noisy, noisy[agree]]).to(device),
-                    torch.cat([t, t[agree]]).to(device),
-                    torch.cat([ids, empty_ids.expand(extra, -1)]).to(device),
-                ).float()
-                pred, uncond = out[: uc.batch], out[uc.batch :]
-            else:
-                pred = model(noisy.to(device), t.to(device), ids.to(device)).float()
+        with autocast(device, cfg.precision):  # agreement rows once more, captions emptied: one forward
+            out = model(
+                torch.cat([noisy, noisy[agree]]).to(device),
+                torch.cat([t, t[agree]]).to(device),
+                torch.cat([ids, empty_ids.expand(extra, -1)]).to(device),
+            ).float()
+        pred, uncond = out[: uc.batch], out[uc.batch :]
         target = training_target(noise_scheduler, latents, noise, t)
         per_sample = F.mse_loss(pred, target.to(device), reduction="none").mean(dim=(1, 2, 3))
         weights = min_snr_weights(noise_scheduler, t, phase.min_snr_gamma, uc.min_snr_floor)
