@@ -2,7 +2,8 @@
 #   make demo   create the environment, then run the main job on the builtin model: the demo
 #               recipe (prune -> export -> int8 -> bench -> report) via `sdwb run`
 #   make test   create the environment, then run the test suite
-#   make gate   the CI performance gate: a small benchmark against reports/baselines/
+#   make gate   the CI performance gate: quality and memory against reports/baselines/, latency
+#               against the code of GATE_BASE (.ci/gate-base) timed now, beside the working tree
 # The environment is .venv/; a stamp file makes re-runs skip the install until pyproject.toml
 # changes. On machines without nvidia-smi the CPU build of torch is installed first, so pip
 # does not pull a multi-GB CUDA build; override with TORCH_CPU="torch==X --index-url URL".
@@ -23,6 +24,8 @@ DEMO_PROMPTS := -p "a small red circle at the top on a gray background" \
 
 GATE_DIR ?= runs/ci-gate
 GATE_BASELINE ?= reports/baselines/tiny-shapes-cpu.json
+GATE_BASE ?= $(shell bash .ci/gate-base)
+GATE_ARGS ?=
 
 .PHONY: venv test demo lint gate
 
@@ -57,4 +60,4 @@ demo: venv
 gate: venv
 	$(BIN)/sdwb bench configs/bench/ci-gate.yaml -o $(GATE_DIR) --no-progress
 	$(BIN)/sdwb gate --baseline $(GATE_BASELINE) --candidate $(GATE_DIR)/results.json -c configs/gate/ci.yaml \
-		-o $(GATE_DIR)/gate --no-progress
+		--ab-rev $(GATE_BASE) -o $(GATE_DIR)/gate $(GATE_ARGS)

@@ -43,8 +43,18 @@ class Thresholds(BaseModel):
 
     model_config = _STRICT
 
-    latency_pct: Optional[float] = Field(5.0, ge=0, description="end-to-end s/image, % slower allowed")
-    unet_latency_pct: Optional[float] = Field(None, ge=0, description="UNet ms/call, % slower allowed")
+    latency_pct: Optional[float] = Field(
+        5.0, ge=0, description="end-to-end s/image measured now (--ab, --ab-rev), % slower allowed"
+    )
+    unet_latency_pct: Optional[float] = Field(
+        None, ge=0, description="UNet ms/call measured now (--ab, --ab-rev), % slower allowed"
+    )
+    file_latency_pct: Optional[float] = Field(
+        5.0,
+        ge=0,
+        description="end-to-end s/image against a saved results file, % slower allowed; judged only "
+        "when both files were timed on the same CPU model, CPU flags and thread count",
+    )
     memory_pct: Optional[float] = Field(10.0, ge=0, description="peak RSS / CUDA peak, % more allowed")
     clip_drop: Optional[float] = Field(1.0, ge=0, description="CLIP score points lower allowed")
     accuracy_drop: Optional[float] = Field(
@@ -61,6 +71,7 @@ class Statistics(BaseModel):
     resamples: int = Field(4000, ge=200, le=100_000)
     seed: int = Field(0, ge=0)
     min_runs: int = Field(5, ge=2, description="fewer timed runs per side than this is an error")
+    min_rounds: int = Field(4, ge=2, description="--ab-rev: fewer subprocess pairs than this is an error")
 
 
 class Measure(BaseModel):
@@ -78,6 +89,10 @@ class Measure(BaseModel):
     threads: Optional[int] = Field(None, ge=1)
     backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
     metrics: list[Literal["latency", "memory", "quality"]] = Field(default_factory=lambda: ["latency"])
+    model: str = Field("builtin:tiny-shapes", description="--ab-rev: the model both revisions benchmark")
+    rounds: int = Field(
+        6, ge=2, le=100, description="--ab-rev: pairs of subprocesses (base, head), order alternating"
+    )
 
 
 class GateConfig(BaseModel):
@@ -129,6 +144,75 @@ def bootstrap_ratio(
     return float(np.median(b) / np.median(a)), float(lo), float(hi)
 
 
+def paired_rounds_ratio(
+    baseline: list[list[float]], candidate: list[list[float]], *, confidence: float = 0.95,
+    resamples: int = 4000, seed: int = 0,
+) -> tuple[float, float, float]:
+    """``(ratio, lo, hi)`` for rounds of paired measurements (``sdwb gate --ab-rev``).
+
+    Round ``i`` holds the timed runs of one baseline and one candidate subprocess that ran back to
+    back; its ratio is median(candidate runs) / median(baseline runs). The estimate is the
+    geometric mean of the rounds' ratios, and the interval a percentile bootstrap over rounds
+    (rounds resampled with replacement, each keeping its pair together). Pairing is what makes
+    the decision robust to a machine that drifts or gets busy: a slow minute slows both halves of
+    its round. Resampling rounds, not single runs, also carries the run-to-run differences of
+    separate processes (memory layout, thread placement) into the interval.
+    """
+    if len(baseline) != len(candidate):
+        raise SdwbError(f"paired rounds: {len(baseline)} baseline and {len(candidate)} candidate rounds")
+    if len(baseline) < 2:
+        raise SdwbError(f"paired rounds: need at least 2 rounds, got {len(baseline)}")
+    logs = []
+    for a, b in zip(baseline, candidate):
+        a, b = np.asarray(a, float), np.asarray(b, float)
+        if not len(a) or not len(b) or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))) \
+                or np.any(a <= 0) or np.any(b <= 0):
+            raise SdwbError("paired rounds: every round needs finite, positive timings on both sides")
+        logs.append(np.log(np.median(b) / np.median(a)))
+    logs = np.asarray(logs)
+    rng = np.random.default_rng(seed)
+    boot = logs[rng.integers(0, len(logs), (resamples, len(logs)))].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(boot, [tail, 100 - tail])
+    return float(np.exp(logs.mean())), float(np.exp(lo)), float(np.exp(hi))
+
+
+def cpu_signature(env: dict | None) -> dict[str, Any] | None:
+    """What must match for two timings to be comparable: CPU model, its vector/matrix flags and the
+    thread count (None when a results file does not record them)."""
+    if not env or not env.get("cpu") or env.get("cpu_flags") is None:
+        return None
+    return {"cpu": env["cpu"], "flags": sorted(env["cpu_flags"]), "threads": env.get("torch_threads")}
+
+
+def cpu_mismatch(base_env: dict | None, cand_env: dict | None) -> str | None:
+    """None when both were timed on the same kind of CPU, else why not (for "not comparable")."""
+    a, b = cpu_signature(base_env), cpu_signature(cand_env)
+    if a is None or b is None:
+        which = "baseline" if a is None else "candidate"
+        return f"the {which} does not record its CPU model and flags"
+    if a["cpu"] != b["cpu"]:
+        return f"CPU differs: {a['cpu']} vs {b['cpu']}"
+    if a["flags"] != b["flags"]:
+        only_a = sorted(set(a["flags"]) - set(b["flags"]))
+        only_b = sorted(set(b["flags"]) - set(a["flags"]))
+        parts = ([f"baseline only {' '.join(only_a)}"] if only_a else []) + (
+            [f"candidate only {' '.join(only_b)}"] if only_b else [])
+        return f"CPU differs: flags {'; '.join(parts)}"
+    if a["threads"] != b["threads"]:
+        return f"threads differ: {a['threads']} vs {b['threads']}"
+    return None
+
+
+def describe_side(label: str, env: dict | None) -> str:
+    """One context line naming where a side was measured: revision, CPU, flags, threads."""
+    env = env or {}
+    flags = " ".join(env.get("cpu_flags") or []) or "not recorded"
+    return (f"{label}: git {env.get('git_revision') or 'unknown'}, CPU {env.get('cpu') or 'not recorded'} "
+            f"(flags: {flags}), {env.get('torch_threads') or '?'} threads, measured "
+            f"{env.get('timestamp_utc') or 'at an unrecorded time'}")
+
+
 # --------------------------------------------------------------------------- decisions
 
 
@@ -176,14 +260,69 @@ def _latency_check(
     ratio, lo, hi = bootstrap_ratio(
         base, cand, confidence=stats.confidence, resamples=stats.resamples, seed=stats.seed
     )
-    bound = 1 + pct / 100
-    status: Status = "regression" if lo > bound else "inconclusive" if hi > bound else "pass"
-    change = f"{(ratio - 1) * 100:+.1f} % [{(lo - 1) * 100:+.1f}, {(hi - 1) * 100:+.1f}]"
     detail = (
         f"median {np.median(base):.4g} -> {np.median(cand):.4g} {unit}; {len(base)} vs {len(cand)} runs, "
         f"{stats.confidence:.0%} bootstrap interval of the ratio"
     )
-    return Check(metric, status, float(np.median(base)), float(np.median(cand)), change, limit, detail)
+    return _ratio_check(metric, (ratio, lo, hi), pct, float(np.median(base)), float(np.median(cand)), detail)
+
+
+def _ratio_check(
+    metric: str, interval: tuple[float, float, float], pct: float, base: float, cand: float, detail: str
+) -> Check:
+    """A regression only when the whole interval of the ratio lies above ``1 + pct``."""
+    ratio, lo, hi = interval
+    bound = 1 + pct / 100
+    status: Status = "regression" if lo > bound else "inconclusive" if hi > bound else "pass"
+    change = f"{(ratio - 1) * 100:+.1f} % [{(lo - 1) * 100:+.1f}, {(hi - 1) * 100:+.1f}]"
+    return Check(metric, status, base, cand, change, f"+{pct:g} %", detail)
+
+
+def rounds_latency_checks(
+    base_rounds: dict[str, list[list[float]]], cand_rounds: dict[str, list[list[float]]], config: GateConfig
+) -> list[Check]:
+    """End-to-end and UNet-call latency of ``--ab-rev`` rounds (``{"e2e_s": [[runs of round 0],
+    ...], "unet_ms": ...}`` per side), decided on :func:`paired_rounds_ratio`."""
+    t, stats = config.thresholds, config.statistics
+    checks = []
+    for key, metric, pct, unit in (("e2e_s", "latency (s/image)", t.latency_pct, "s/image"),
+                                   ("unet_ms", "UNet call (ms)", t.unet_latency_pct, "ms")):
+        if pct is None:
+            checks.append(Check(metric, "skipped", None, None, "", "not gated", "no threshold set"))
+            continue
+        base, cand = base_rounds.get(key, []), cand_rounds.get(key, [])
+        if min(len(base), len(cand)) < stats.min_rounds:
+            raise SdwbError(f"{metric}: {len(base)} baseline and {len(cand)} candidate rounds; the gate "
+                            f"needs at least {stats.min_rounds} (statistics.min_rounds)")
+        interval = paired_rounds_ratio(base, cand, confidence=stats.confidence,
+                                       resamples=stats.resamples, seed=stats.seed)
+        med_b = float(np.median([np.median(r) for r in base]))
+        med_c = float(np.median([np.median(r) for r in cand]))
+        runs = sum(map(len, base))
+        detail = (f"median of round medians {med_b:.4g} -> {med_c:.4g} {unit}; {len(base)} rounds of "
+                  f"one subprocess per side ({runs} runs per side), {stats.confidence:.0%} bootstrap "
+                  f"interval of the paired ratio")
+        checks.append(_ratio_check(metric, interval, pct, med_b, med_c, detail))
+    return checks
+
+
+def file_latency_checks(
+    base_samples: dict, cand_samples: dict, config: GateConfig, mismatch: str | None, *, prefix: str = ""
+) -> list[Check]:
+    """Latency against a saved results file: judged (with ``file_latency_pct``) only when both
+    were timed on the same CPU model, flags and threads; otherwise "not comparable", not judged."""
+    t = config.thresholds
+    names = [f"latency{prefix} (s/image)", f"UNet call{prefix} (ms)"]
+    if mismatch is not None:
+        return [Check(name, "skipped", None, None, "", "not judged", f"not comparable ({mismatch})")
+                for name in names]
+    unet_pct = t.file_latency_pct if t.unet_latency_pct is not None else None
+    return [
+        _latency_check(names[0], base_samples.get("e2e_s", []), cand_samples.get("e2e_s", []),
+                       t.file_latency_pct, config.statistics, "s/image"),
+        _latency_check(names[1], base_samples.get("unet_ms", []), cand_samples.get("unet_ms", []),
+                       unet_pct, config.statistics, "ms"),
+    ]
 
 
 def _higher_is_worse(metric: str, base: float | None, cand: float | None, pct: float | None) -> Check:
@@ -224,9 +363,10 @@ def _drop_check(metric: str, row_b: dict, row_c: dict, key: str, allowed: float 
 def compare(
     base_row: dict, base_samples: dict, cand_row: dict, cand_samples: dict, config: GateConfig
 ) -> list[Check]:
-    """Every metric's check of a candidate row against a baseline row (see the module docstring)."""
+    """Every metric's check of a candidate row against a baseline row measured in one run
+    (``--ab``): latency from the per-run samples, then :func:`row_checks`."""
     t, stats = config.thresholds, config.statistics
-    checks = [
+    return [
         _latency_check(
             "latency (s/image)",
             base_samples.get("e2e_s", []),
@@ -243,7 +383,14 @@ def compare(
             stats,
             "ms",
         ),
-    ]
+    ] + row_checks(base_row, cand_row, config)
+
+
+def row_checks(base_row: dict, cand_row: dict, config: GateConfig) -> list[Check]:
+    """Memory, CLIP score and accuracies: one number per variant, comparable across machines of a
+    kind (fresh-process peak RSS; fixed prompts and seeds)."""
+    t = config.thresholds
+    checks: list[Check] = []
     for key, name in (("peak_rss_mb", "peak RSS (MB)"), ("cuda_peak_mb", "CUDA peak (MB)")):
         if _num(base_row, key) is not None or _num(cand_row, key) is not None:
             checks.append(_higher_is_worse(name, _num(base_row, key), _num(cand_row, key), t.memory_pct))
@@ -356,9 +503,22 @@ def write_junit(path: str | Path, suite: str, checks: list[Check]) -> Path:
     return atomic_write_text(path, ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n")
 
 
+def write_json(path: str | Path, checks: list[Check], outcome: str, context: list[str], extra: dict) -> Path:
+    """The decision as data: outcome, every check, the context lines and ``extra`` (config, sides)."""
+    import json
+    from dataclasses import asdict
+
+    from sdwb.runs import atomic_write_text
+
+    data = {"outcome": outcome, "checks": [asdict(c) for c in checks], "context": context, **extra}
+    return atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
 def summary_line(checks: list[Check], outcome: str) -> str:
-    """One line for the terminal: the outcome and each gated metric's change."""
-    parts = [f"{c.metric} {c.change} ({c.status})" for c in checks if c.status != "skipped"]
+    """One line for the terminal: the outcome, each gated metric's change, and each latency that
+    was not comparable (so a skipped latency check is never silent)."""
+    parts = [f"{c.metric} {c.change} ({c.status})" if c.status != "skipped" else f"{c.metric}: {c.detail}"
+             for c in checks if c.status != "skipped" or c.detail.startswith("not comparable")]
     return f"gate {'REGRESSION' if outcome == 'regression' else 'passed'}: " + "; ".join(parts)
 
 

@@ -1,10 +1,16 @@
 """``sdwb gate``: the command-line face of :mod:`bench.gate` (exit 0 pass, 1 regression, 2 error).
 
-Two forms. Saved results: ``--baseline reports/baselines/X.json --candidate DIR/results.json``
-compares a committed baseline with a fresh ``sdwb bench`` run. Measured now: ``--ab BASELINE
-CANDIDATE`` benchmarks both models interleaved in this process (``measure:`` of the gate
-config) and compares them; same machine, same minute, so it is the form to trust on noisy CI
-runners. Both write ``gate.md`` and ``gate.junit.xml`` to ``--out``.
+Three sources of a decision, and latency is only ever judged between measurements of one machine:
+
+- ``--baseline FILE --candidate FILE``: saved results (a committed baseline, a fresh ``sdwb
+  bench``). Memory and quality are compared; latency only when both files record the same CPU
+  model, CPU flags and thread count, otherwise it is reported as "not comparable" and not judged.
+- ``--ab-rev BASE``: the code of git revision BASE and the working tree, timed now in alternating
+  subprocesses (:mod:`bench.gate_rev`): the latency decision CI makes. Combines with the files
+  form, which then supplies memory and quality.
+- ``--ab BASELINE CANDIDATE``: two models timed now, interleaved in this process.
+
+All write ``gate.md``, ``gate.junit.xml`` and ``gate.json`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,15 @@ def gate_command(
         Optional[tuple[str, str]],
         typer.Option("--ab", metavar="BASELINE CANDIDATE", help="Two models to measure now, interleaved."),
     ] = None,
+    ab_rev: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ab-rev",
+            metavar="REV",
+            help="Time git revision REV's code and the working tree's now, in alternating subprocesses "
+            "(measure.model, measure.rounds); the latency decision of CI.",
+        ),
+    ] = None,
     config: Annotated[
         Optional[Path], typer.Option("--config", "-c", help="Gate config (configs/gate/*.yaml).")
     ] = None,
@@ -36,24 +51,30 @@ def gate_command(
         Optional[str], typer.Option(help="Variant in the candidate file, when named differently.")
     ] = None,
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Directory for gate.md and gate.junit.xml.")
+        Path, typer.Option("--out", "-o", help="Directory for gate.md, gate.junit.xml and gate.json.")
     ] = Path("runs/gate"),
     inject_slowdown: Annotated[
         float,
-        typer.Option(help="--ab self-test: make the candidate's UNet calls this fraction slower (0.15)."),
+        typer.Option(
+            help="Self-test of --ab / --ab-rev: make the candidate's (head's) UNet calls this fraction "
+            "slower."
+        ),
     ] = 0.0,
     set_: Annotated[
         Optional[list[str]],
         typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a gate config key."),
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars (--ab).")] = True,
+    progress: Annotated[
+        bool, typer.Option(help="Show progress (--ab: bars, --ab-rev: one line a round).")
+    ] = True,
 ) -> None:
     """Decide whether a candidate regressed against a baseline: latency by a bootstrap interval of the
-    ratio over timed runs, memory / CLIP score / accuracy against thresholds from the gate config.
-    Exit 0: passed; 1: regression; 2: bad input or an error."""
+    ratio (only between measurements of one machine), memory / CLIP score / accuracy against
+    thresholds from the gate config. Exit 0: passed; 1: regression; 2: bad input or an error."""
     try:
         code = _gate(
-            baseline, candidate, ab, config, variant, candidate_variant, out, inject_slowdown, set_, progress
+            baseline, candidate, ab, ab_rev, config, variant, candidate_variant, out, inject_slowdown, set_,
+            progress,
         )
     except SdwbError:
         raise
@@ -63,57 +84,110 @@ def gate_command(
 
 
 def _gate(
-    baseline, candidate, ab, config, variant, candidate_variant, out, inject_slowdown, set_, progress
+    baseline, candidate, ab, ab_rev, config, variant, candidate_variant, out, inject_slowdown, set_, progress
 ) -> int:
     from bench import gate
 
     cfg = gate.load_gate_config(config, set_)
-    if ab is not None and (baseline is not None or candidate is not None):
-        raise SdwbError("give either --ab BASELINE CANDIDATE or --baseline/--candidate files, not both")
-    if inject_slowdown and ab is None:
-        raise SdwbError("--inject-slowdown: only with --ab (it slows the candidate's UNet while measuring)")
+    if ab is not None and (baseline is not None or candidate is not None or ab_rev is not None):
+        raise SdwbError("give either --ab BASELINE CANDIDATE or --baseline/--candidate files (and --ab-rev), "
+                        "not both")
+    if inject_slowdown and ab is None and ab_rev is None:
+        raise SdwbError("--inject-slowdown: only with --ab or --ab-rev (it slows the candidate's UNet while "
+                        "measuring)")
     if not 0 <= inject_slowdown <= 10:
         raise SdwbError(f"--inject-slowdown {inject_slowdown}: expected a fraction in [0, 10]")
+    if (baseline is None) != (candidate is None):
+        raise SdwbError("give --baseline FILE and --candidate FILE together")
+    if ab is None and ab_rev is None and baseline is None:
+        raise SdwbError("give --baseline FILE and --candidate FILE, --ab-rev REV, or --ab BASELINE CANDIDATE")
+    context: list[str] = []
+    record: dict = {}
     if ab is not None:
-        from bench.cli import _quiet_library_progress
-        from bench.harness import run_bench
-        from bench.results import python_command
-
-        bench_cfg = gate.ab_bench_config(ab[0], ab[1], cfg.measure, inject_slowdown=inject_slowdown)
-        _quiet_library_progress()
-        run_bench(bench_cfg, out / "bench", progress=progress, command=python_command())
-        data = gate.read_results(out / "bench")
-        base_row, base_samples = gate.pick_row(data, "baseline", "--ab")
-        cand_row, cand_samples = gate.pick_row(data, "candidate", "--ab")
-        context = [
-            f"measured now, interleaved: baseline `{ab[0]}`, candidate `{ab[1]}`",
-            f"results: `{out / 'bench' / 'results.json'}`",
-        ]
-        if inject_slowdown:
-            context.append(f"self-test: the candidate's UNet calls were made {inject_slowdown:.0%} slower")
+        checks = _ab(gate, cfg, ab, out, inject_slowdown, progress, context)
     else:
-        if baseline is None or candidate is None:
-            raise SdwbError("give --baseline FILE and --candidate FILE, or --ab BASELINE CANDIDATE")
-        base_data, cand_data = gate.read_results(baseline), gate.read_results(candidate)
-        base_row, base_samples = gate.pick_row(base_data, variant, str(baseline))
-        cand_row, cand_samples = gate.pick_row(cand_data, candidate_variant or variant, str(candidate))
-        context = [
-            f"baseline `{baseline}` ({base_row.get('variant')}), candidate `{candidate}` "
-            f"({cand_row.get('variant')})"
-        ]
-        for key in ("steps", "guidance", "batch", "backend", "dtype", "threads"):
-            if base_row.get(key) != cand_row.get(key):
-                context.append(f"note: {key} differs ({base_row.get(key)} vs {cand_row.get(key)})")
-    checks = gate.compare(base_row, base_samples, cand_row, cand_samples, cfg)
+        checks = []
+        files = None
+        if baseline is not None:  # read (and refuse) the files before minutes of measuring
+            base_data, cand_data = gate.read_results(baseline), gate.read_results(candidate)
+            base_row, base_samples = gate.pick_row(base_data, variant, str(baseline))
+            cand_row, cand_samples = gate.pick_row(cand_data, candidate_variant or variant, str(candidate))
+            files = (base_data.get("environment"), cand_data.get("environment"))
+            context.append(f"files: baseline `{baseline}` ({base_row.get('variant')}), candidate "
+                           f"`{candidate}` ({cand_row.get('variant')})")
+            context += [gate.describe_side("baseline file", files[0]),
+                        gate.describe_side("candidate file", files[1])]
+            for key in ("steps", "guidance", "batch", "backend", "dtype", "threads"):
+                if base_row.get(key) != cand_row.get(key):
+                    context.append(f"note: {key} differs ({base_row.get(key)} vs {cand_row.get(key)})")
+        if ab_rev is not None:
+            checks += _ab_rev(gate, cfg, ab_rev, out, inject_slowdown, progress, context, record)
+        if files is not None:
+            mismatch = gate.cpu_mismatch(*files)
+            checks += gate.file_latency_checks(base_samples, cand_samples, cfg, mismatch,
+                                               prefix=" vs file" if ab_rev is not None else "")
+            checks += gate.row_checks(base_row, cand_row, cfg)
     outcome = gate.verdict(checks)
     t = cfg.thresholds
     context.append(
-        f"thresholds: latency +{t.latency_pct} %, memory +{t.memory_pct} %, CLIP -{t.clip_drop}, "
-        f"accuracy -{t.accuracy_drop} points; {cfg.statistics.confidence:.0%} bootstrap, "
+        f"thresholds: latency measured now +{t.latency_pct} %, against a file on the same CPU "
+        f"+{t.file_latency_pct} %, memory +{t.memory_pct} %, CLIP -{t.clip_drop}, accuracy "
+        f"-{t.accuracy_drop} points; {cfg.statistics.confidence:.0%} bootstrap, "
         f"{cfg.statistics.resamples} resamples"
     )
     md = gate.write_markdown(out / "gate.md", "sdwb gate", checks, outcome, context)
     junit = gate.write_junit(out / "gate.junit.xml", "sdwb-gate", checks)
+    gate.write_json(out / "gate.json", checks, outcome, context, {**record, "config": cfg.model_dump()})
     typer.echo(gate.summary_line(checks, outcome))
-    typer.echo(f"wrote {md} and {junit}")
+    typer.echo(f"wrote {md}, {junit} and {out / 'gate.json'}")
     return 1 if outcome == "regression" else 0
+
+
+def _ab(gate, cfg, ab, out, inject_slowdown, progress, context) -> list:
+    """``--ab``: both models benchmarked in this process, interleaved."""
+    from bench.cli import _quiet_library_progress
+    from bench.harness import run_bench
+    from bench.results import python_command
+
+    bench_cfg = gate.ab_bench_config(ab[0], ab[1], cfg.measure, inject_slowdown=inject_slowdown)
+    _quiet_library_progress()
+    run_bench(bench_cfg, out / "bench", progress=progress, command=python_command())
+    data = gate.read_results(out / "bench")
+    base_row, base_samples = gate.pick_row(data, "baseline", "--ab")
+    cand_row, cand_samples = gate.pick_row(data, "candidate", "--ab")
+    context += [
+        f"measured now, interleaved in one process: baseline `{ab[0]}`, candidate `{ab[1]}`",
+        gate.describe_side("both", data.get("environment")),
+        f"results: `{out / 'bench' / 'results.json'}`",
+    ]
+    if inject_slowdown:
+        context.append(f"self-test: the candidate's UNet calls were made {inject_slowdown:.0%} slower")
+    return gate.compare(base_row, base_samples, cand_row, cand_samples, cfg)
+
+
+def _ab_rev(gate, cfg, rev, out, inject_slowdown, progress, context, record) -> list:
+    """``--ab-rev``: revision ``rev``'s code and the working tree's, in alternating subprocesses."""
+    from bench.gate_rev import measure_revisions, write_sides
+
+    m = cfg.measure
+    log = (lambda line: typer.echo(f"gate --ab-rev: {line}", err=True)) if progress else None
+    if log:
+        log(f"{m.rounds} rounds of one `sdwb bench` subprocess per side: {m.model}, {m.steps or 'default'} "
+            f"steps, {m.warmup} warm-up + {m.repeats} timed runs each")
+    base, head = measure_revisions(rev, m, m.model, out / "ab-rev", inject_slowdown=inject_slowdown, log=log)
+    sides = write_sides(out / "ab-rev" / "sides.json", base, head, {"inject_slowdown": inject_slowdown})
+    context += [
+        f"latency measured now, alternating subprocesses: base = revision {base.revision}, head = the "
+        f"working tree ({head.revision}); `{m.model}`, {m.rounds} rounds; samples in `{sides}`",
+        gate.describe_side("base", base.environment),
+        gate.describe_side("head", head.environment),
+    ]
+    mismatch = gate.cpu_mismatch(base.environment, head.environment)
+    if mismatch:  # one machine, so only a changed thread default can do this: part of the change, judged
+        context.append(f"note: the sides ran differently ({mismatch})")
+    if inject_slowdown:
+        context.append(f"self-test: the head side's UNet calls were made {inject_slowdown:.0%} slower")
+    record["ab_rev"] = {"base": base.revision, "head": head.revision, "sides": str(sides)}
+    keys = ("e2e_s", "unet_ms")
+    return gate.rounds_latency_checks({k: base.per_round(k) for k in keys},
+                                      {k: head.per_round(k) for k in keys}, cfg)

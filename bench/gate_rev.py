@@ -1,0 +1,175 @@
+"""``sdwb gate --ab-rev BASE``: time the code of git revision BASE and the working tree now, side by side.
+
+What: BASE's tracked files are copied out of git (``git archive``) into a scratch directory; then
+``rounds`` times, one ``sdwb bench`` subprocess runs the latency scenario with BASE's code and one
+with the working tree's code (the order alternates every round: B H, H B, B H, ...). Each
+subprocess imports its own side's packages (``PYTHONPATH`` and working directory = that side's
+tree) in this environment's Python, loads its own side's builtin weights and writes a
+``results.json`` with per-run samples and the environment it ran in.
+
+Why subprocesses and rounds: the two sides are different code, so they cannot share a process;
+and a latency comparison means something only between measurements of one machine in one span
+of time (a committed file timed on another CPU generation, or on the same machine an hour
+earlier, differs by 40-115 % on unchanged code). Alternating short subprocesses spreads the
+machine's drift and a neighbour's load over both sides; the decision then pairs the two
+subprocesses of each round (:func:`bench.gate.paired_rounds_ratio`), so a slow minute slows both
+halves of its round and cancels out. The interface between revisions is the ``sdwb bench``
+command line and its ``results.json``, which both sides have had since the gate existed, so an
+older BASE needs no code of this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sdwb.errors import SdwbError
+
+# How a side's subprocess starts: that side's ``sdwb`` entry point, found first on sys.path.
+_BOOT = "import sys; sys.argv[0] = 'sdwb'; from sdwb.cli import main; main()"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Side:
+    """One revision's timings: per round, the per-run samples of ``sdwb bench`` (``e2e_s``,
+    ``unet_ms``), and the environment its first subprocess recorded."""
+
+    label: str
+    revision: str
+    root: Path
+    rounds: list[dict[str, list[float]]] = field(default_factory=list)
+    environment: dict = field(default_factory=dict)
+
+    def per_round(self, key: str) -> list[list[float]]:
+        return [r.get(key, []) for r in self.rounds]
+
+
+def _git(args: list[str], cwd: Path) -> str:
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise SdwbError(f"--ab-rev: git is not usable here ({e})") from None
+    if done.returncode != 0:
+        raise SdwbError(f"--ab-rev: git {' '.join(args)}: {done.stderr.strip().splitlines()[-1:] or '?'}")
+    return done.stdout
+
+
+def resolve_revision(rev: str, repo: Path = REPO_ROOT) -> str:
+    """The full commit hash of ``rev`` (a hash, ``HEAD~1``, a tag), or a one-line error."""
+    if not rev or rev.startswith("-"):
+        raise SdwbError(f"--ab-rev {rev!r}: expected a git revision such as HEAD~1 or a commit hash")
+    try:
+        return _git(["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], repo).strip()
+    except SdwbError:
+        raise SdwbError(f"--ab-rev {rev}: not a commit of the repository at {repo}") from None
+
+
+def checkout_revision(commit: str, dest: Path, repo: Path = REPO_ROOT) -> Path:
+    """Copy the tracked files of ``commit`` into the empty directory ``dest`` (no git metadata:
+    the worktree list and the index of ``repo`` are not touched)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        archive = subprocess.Popen(["git", "archive", "--format=tar", commit], cwd=repo,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        untar = subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, capture_output=True)
+        archive.stdout.close()
+        err = archive.stderr.read().decode(errors="replace")
+        archive.wait(timeout=300)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise SdwbError(f"--ab-rev: could not copy out {commit[:12]}: {e}") from None
+    if archive.returncode != 0 or untar.returncode != 0:
+        why = (err or untar.stderr.decode(errors="replace")).strip().splitlines()[-1:] or ["?"]
+        raise SdwbError(f"--ab-rev: could not copy out {commit[:12]}: {why[0]}")
+    if not (dest / "sdwb" / "cli.py").is_file():
+        raise SdwbError(f"--ab-rev {commit[:12]}: that revision has no sdwb/cli.py (not an sdwb revision)")
+    return dest
+
+
+def bench_argv(measure, model: str, out: Path, slowdown: float = 0.0) -> list[str]:
+    """The ``sdwb bench`` quick-form arguments of one latency subprocess (flags every revision
+    since the gate existed understands)."""
+    argv = ["bench", "--model", model, "--backend", measure.backend, "--batch", str(measure.batch),
+            "--prompts", str(measure.n_prompts), "--repeats", str(measure.repeats),
+            "--warmup", str(measure.warmup), "--metrics", "latency", "--no-progress", "-o", str(out)]
+    for flag, value in (("--steps", measure.steps), ("--guidance", measure.guidance),
+                        ("--scheduler", measure.scheduler), ("--threads", measure.threads)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if slowdown:
+        argv += ["--set", f"variants.0.unet_slowdown={slowdown}"]
+    return argv
+
+
+def _run_side(side: Side, argv: list[str], out: Path, timeout: float) -> None:
+    env = {**os.environ, "PYTHONPATH": str(side.root), "SDWB_DEBUG": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-c", _BOOT, *argv], cwd=side.root, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SdwbError(f"--ab-rev: the {side.label} side ({side.revision}) ran past {timeout:.0f} s"
+                        ) from None
+    if done.returncode != 0:
+        lines = [ln for ln in (done.stderr or done.stdout).strip().splitlines() if ln.strip()]
+        raise SdwbError(f"--ab-rev: the {side.label} side ({side.revision}) failed to benchmark: "
+                        f"{lines[-1] if lines else f'exit {done.returncode}'}")
+    try:
+        data = json.loads((out / "results.json").read_text())
+        samples = next(iter(data["samples"].values()))
+    except (OSError, ValueError, KeyError, StopIteration, AttributeError):
+        raise SdwbError(f"--ab-rev: the {side.label} side ({side.revision}) wrote no per-run samples "
+                        f"in {out / 'results.json'}") from None
+    side.rounds.append({k: [float(x) for x in v] for k, v in samples.items()})
+    if not side.environment:
+        side.environment = dict(data.get("environment") or {})
+        side.environment["git_revision"] = side.revision
+
+
+def measure_revisions(base_rev: str, measure, model: str, out: Path, *, inject_slowdown: float = 0.0,
+                      log: Callable[[str], None] | None = None, timeout: float = 900.0,
+                      repo: Path = REPO_ROOT) -> tuple[Side, Side]:
+    """``(base, head)``: ``measure.rounds`` alternating subprocess pairs of BASE's code and the
+    working tree's. ``inject_slowdown`` slows the head side's UNet calls (the gate's self-test)."""
+    commit = resolve_revision(base_rev, repo)
+    head_rev = _git(["rev-parse", "--short=12", "HEAD"], repo).strip()
+    dirty = _git(["status", "--porcelain", "--untracked-files=no"], repo).strip()
+    scratch = Path(tempfile.mkdtemp(prefix="sdwb-gate-rev-"))
+    try:
+        base = Side("base", f"{base_rev} = {commit[:12]}", checkout_revision(commit, scratch / "tree", repo))
+        head = Side("head", head_rev + ("-dirty" if dirty else ""), repo)
+        for r in range(measure.rounds):
+            order = (base, head) if r % 2 == 0 else (head, base)
+            for side in order:
+                dest = out / f"round{r:02d}-{side.label}"
+                shutil.rmtree(dest, ignore_errors=True)
+                slow = inject_slowdown if side is head else 0.0
+                _run_side(side, bench_argv(measure, model, dest.resolve(), slow), dest, timeout)
+            if log:
+                b, h = (_median(s.rounds[-1].get("e2e_s")) for s in (base, head))
+                log(f"round {r + 1}/{measure.rounds}: median s/image base {b:.4g}, head {h:.4g}")
+        return base, head
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _median(values) -> float:
+    import numpy as np
+
+    return float(np.median(values)) if values else float("nan")
+
+
+def write_sides(path: Path, base: Side, head: Side, extra: dict) -> Path:
+    """Both sides' per-round samples and environments as JSON (what the decision was made on)."""
+    from sdwb.runs import atomic_write_text
+
+    def side(s: Side) -> dict:
+        return {"revision": s.revision, "environment": s.environment, "rounds": s.rounds}
+
+    return atomic_write_text(path, json.dumps({**extra, "base": side(base), "head": side(head)}, indent=1))
