@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -51,7 +52,7 @@ def main() -> None:
                 cmd += ["--inject-slowdown", str(slowdown)]
             t0 = time.time()
             done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                                  env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
             gate = json.loads((out / "gate.json").read_text()) if (out / "gate.json").exists() else {}
             checks = {c["metric"]: c for c in gate.get("checks", [])}
             e2e, unet = checks.get("latency (s/image)", {}), checks.get("UNet call (ms)", {})
@@ -60,7 +61,8 @@ def main() -> None:
                            "unet_status": unet.get("status"), "unet_change": unet.get("change"),
                            "seconds": round(time.time() - t0, 1),
                            "error": done.stderr.strip().splitlines()[-1:] if done.returncode == 2 else None})
-            print(f"{t:3d} {kind:4s} exit {done.returncode} e2e {e2e.get('change')} unet {unet.get('change')} "
+            print(f"{t:3d} {kind:4s} exit {done.returncode} e2e {e2e.get('change')} "
+                  f"unet {unet.get('change')} "
                   f"{time.time() - t0:.0f}s", flush=True)
             summary = {}
             for k in kinds:
