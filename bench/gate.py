@@ -91,7 +91,10 @@ class Measure(BaseModel):
     metrics: list[Literal["latency", "memory", "quality"]] = Field(default_factory=lambda: ["latency"])
     model: str = Field("builtin:tiny-shapes", description="--ab-rev: the model both revisions benchmark")
     rounds: int = Field(
-        6, ge=2, le=100, description="--ab-rev: pairs of subprocesses (base, head), order alternating"
+        16, ge=2, le=200, description="--ab-rev: pairs of `sdwb bench` runs (base, head), order alternating"
+    )
+    processes: int = Field(
+        2, ge=1, le=50, description="--ab-rev: fresh worker processes per side over the rounds"
     )
 
 
@@ -151,12 +154,13 @@ def paired_rounds_ratio(
     """``(ratio, lo, hi)`` for rounds of paired measurements (``sdwb gate --ab-rev``).
 
     Round ``i`` holds the timed runs of one baseline and one candidate subprocess that ran back to
-    back; its ratio is median(candidate runs) / median(baseline runs). The estimate is the
-    geometric mean of the rounds' ratios, and the interval a percentile bootstrap over rounds
+    back; its ratio is median(candidate runs) / median(baseline runs). The estimate is the median
+    of the rounds' ratios, and the interval a percentile bootstrap of that median over rounds
     (rounds resampled with replacement, each keeping its pair together). Pairing is what makes
-    the decision robust to a machine that drifts or gets busy: a slow minute slows both halves of
-    its round. Resampling rounds, not single runs, also carries the run-to-run differences of
-    separate processes (memory layout, thread placement) into the interval.
+    the decision robust to a machine that drifts: a slow minute slows both halves of its round;
+    the median makes it robust to a burst that spoils one half of a few rounds. Resampling
+    rounds, not single runs, carries the differences between runs of separate ``sdwb bench``
+    invocations into the interval.
     """
     if len(baseline) != len(candidate):
         raise SdwbError(f"paired rounds: {len(baseline)} baseline and {len(candidate)} candidate rounds")
@@ -171,10 +175,10 @@ def paired_rounds_ratio(
         logs.append(np.log(np.median(b) / np.median(a)))
     logs = np.asarray(logs)
     rng = np.random.default_rng(seed)
-    boot = logs[rng.integers(0, len(logs), (resamples, len(logs)))].mean(axis=1)
+    boot = np.median(logs[rng.integers(0, len(logs), (resamples, len(logs)))], axis=1)
     tail = (1 - confidence) / 2 * 100
     lo, hi = np.percentile(boot, [tail, 100 - tail])
-    return float(np.exp(logs.mean())), float(np.exp(lo)), float(np.exp(hi))
+    return float(np.exp(np.median(logs))), float(np.exp(lo)), float(np.exp(hi))
 
 
 def cpu_signature(env: dict | None) -> dict[str, Any] | None:
@@ -300,8 +304,8 @@ def rounds_latency_checks(
         med_c = float(np.median([np.median(r) for r in cand]))
         runs = sum(map(len, base))
         detail = (f"median of round medians {med_b:.4g} -> {med_c:.4g} {unit}; {len(base)} rounds of "
-                  f"one subprocess per side ({runs} runs per side), {stats.confidence:.0%} bootstrap "
-                  f"interval of the paired ratio")
+                  f"one `sdwb bench` per side ({runs} timed runs per side), {stats.confidence:.0%} "
+                  f"bootstrap interval of the median paired ratio")
         checks.append(_ratio_check(metric, interval, pct, med_b, med_c, detail))
     return checks
 

@@ -1,27 +1,31 @@
 """``sdwb gate --ab-rev BASE``: time the code of git revision BASE and the working tree now, side by side.
 
-What: BASE's tracked files are copied out of git (``git archive``) into a scratch directory; then
-``rounds`` times, one ``sdwb bench`` subprocess runs the latency scenario with BASE's code and one
-with the working tree's code (the order alternates every round: B H, H B, B H, ...). Each
-subprocess imports its own side's packages (``PYTHONPATH`` and working directory = that side's
-tree) in this environment's Python, loads its own side's builtin weights and writes a
-``results.json`` with per-run samples and the environment it ran in.
+What: BASE's tracked files are copied out of git (``git archive``) into a scratch directory. Then
+one worker process per side is started: this environment's Python with that side's tree first on
+``sys.path``, so it imports that side's packages and loads that side's builtin weights. The
+driver sends the workers the same ``sdwb bench`` command line (latency only, a few timed runs)
+in turn, B H, H B, B H, ...: each such pair is a *round*. Every ``sdwb bench`` run loads its
+model, warms up and writes a ``results.json`` with per-run samples and the environment it ran
+in. After ``rounds / processes`` rounds both workers are replaced by fresh processes, so
+per-process effects (memory layout, thread placement) are sampled too.
 
-Why subprocesses and rounds: the two sides are different code, so they cannot share a process;
-and a latency comparison means something only between measurements of one machine in one span
-of time (a committed file timed on another CPU generation, or on the same machine an hour
-earlier, differs by 40-115 % on unchanged code). Alternating short subprocesses spreads the
-machine's drift and a neighbour's load over both sides; the decision then pairs the two
-subprocesses of each round (:func:`bench.gate.paired_rounds_ratio`), so a slow minute slows both
-halves of its round and cancels out. The interface between revisions is the ``sdwb bench``
-command line and its ``results.json``, which both sides have had since the gate existed, so an
-older BASE needs no code of this module.
+Why: the two sides are different code, so they cannot share a process; and a latency comparison
+means something only between measurements of one machine in one span of time (a committed file
+timed on another CPU generation, or on the same machine an hour earlier, differs by 40-115 % on
+unchanged code). On this machine kind a neighbour's burst lasts seconds and a whole fresh
+process can run 30-50 % slower than the next, so the units are short (about a second and a half
+of work each), adjacent, and paired: the decision (:func:`bench.gate.paired_rounds_ratio`) takes
+each round's ratio, so a slow second slows both halves of its round or spoils one round, not the
+verdict. The interface between revisions is ``sdwb.cli.main(argv)`` with ``sdwb bench``'s flags
+and its ``results.json``, which both sides have had since the gate existed: an older BASE needs
+no code of this module.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -32,8 +36,23 @@ from typing import Callable
 
 from sdwb.errors import SdwbError
 
-# How a side's subprocess starts: that side's ``sdwb`` entry point, found first on sys.path.
-_BOOT = "import sys; sys.argv[0] = 'sdwb'; from sdwb.cli import main; main()"
+# A side's worker: reads one JSON argv per line, runs that side's ``sdwb`` entry point on it in this
+# process (its output sent to stderr), answers ``{"exit": code}`` on stdout.
+_WORKER = """
+import contextlib, json, sys
+answer = sys.stdout
+sys.argv[0] = "sdwb"
+from sdwb.cli import main
+for line in sys.stdin:
+    code = 0
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            main(json.loads(line))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    answer.write(json.dumps({"exit": code}) + "\\n")
+    answer.flush()
+"""
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -108,18 +127,52 @@ def bench_argv(measure, model: str, out: Path, slowdown: float = 0.0) -> list[st
     return argv
 
 
-def _run_side(side: Side, argv: list[str], out: Path, timeout: float) -> None:
-    env = {**os.environ, "PYTHONPATH": str(side.root), "SDWB_DEBUG": "1"}
+class _Worker:
+    """One side's long-lived process (see the module docstring)."""
+
+    def __init__(self, side: Side, log_path: Path):
+        self.side, self.log_path = side, log_path
+        self.log = open(log_path, "ab")
+        env = {**os.environ, "PYTHONPATH": str(side.root)}
+        env.pop("SDWB_DEBUG", None)  # errors as one line, which is what the driver reports
+        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER], cwd=side.root, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+
+    def run(self, argv: list[str], timeout: float) -> int:
+        self.proc.stdin.write(json.dumps(argv) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not ready:
+            raise self._failure(f"ran past {timeout:.0f} s")
+        if not line:
+            raise self._failure("its process ended")
+        return int(json.loads(line)["exit"])
+
+    def _failure(self, why: str) -> SdwbError:
+        self.close()
+        return SdwbError(f"--ab-rev: the {self.side.label} side ({self.side.revision}) failed to benchmark: "
+                         f"{why}; {_last_error(self.log_path)}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.SubprocessError):
+                self.proc.kill()
+        self.log.close()
+
+
+def _last_error(log_path: Path) -> str:
     try:
-        done = subprocess.run([sys.executable, "-c", _BOOT, *argv], cwd=side.root, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise SdwbError(f"--ab-rev: the {side.label} side ({side.revision}) ran past {timeout:.0f} s"
-                        ) from None
-    if done.returncode != 0:
-        lines = [ln for ln in (done.stderr or done.stdout).strip().splitlines() if ln.strip()]
-        raise SdwbError(f"--ab-rev: the {side.label} side ({side.revision}) failed to benchmark: "
-                        f"{lines[-1] if lines else f'exit {done.returncode}'}")
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.startswith("error:")]
+    except OSError:
+        lines = []
+    return lines[-1] if lines else f"see {log_path}"
+
+
+def _record(side: Side, out: Path) -> None:
     try:
         data = json.loads((out / "results.json").read_text())
         samples = next(iter(data["samples"].values()))
@@ -135,25 +188,38 @@ def _run_side(side: Side, argv: list[str], out: Path, timeout: float) -> None:
 def measure_revisions(base_rev: str, measure, model: str, out: Path, *, inject_slowdown: float = 0.0,
                       log: Callable[[str], None] | None = None, timeout: float = 900.0,
                       repo: Path = REPO_ROOT) -> tuple[Side, Side]:
-    """``(base, head)``: ``measure.rounds`` alternating subprocess pairs of BASE's code and the
-    working tree's. ``inject_slowdown`` slows the head side's UNet calls (the gate's self-test)."""
+    """``(base, head)``: ``measure.rounds`` rounds of one ``sdwb bench`` run per side, BASE's code
+    and the working tree's, over ``measure.processes`` pairs of worker processes.
+    ``inject_slowdown`` slows the head side's UNet calls (the gate's self-test)."""
     commit = resolve_revision(base_rev, repo)
     head_rev = _git(["rev-parse", "--short=12", "HEAD"], repo).strip()
     dirty = _git(["status", "--porcelain", "--untracked-files=no"], repo).strip()
     scratch = Path(tempfile.mkdtemp(prefix="sdwb-gate-rev-"))
+    out.mkdir(parents=True, exist_ok=True)
     try:
         base = Side("base", f"{base_rev} = {commit[:12]}", checkout_revision(commit, scratch / "tree", repo))
         head = Side("head", head_rev + ("-dirty" if dirty else ""), repo)
-        for r in range(measure.rounds):
-            order = (base, head) if r % 2 == 0 else (head, base)
-            for side in order:
-                dest = out / f"round{r:02d}-{side.label}"
-                shutil.rmtree(dest, ignore_errors=True)
-                slow = inject_slowdown if side is head else 0.0
-                _run_side(side, bench_argv(measure, model, dest.resolve(), slow), dest, timeout)
-            if log:
-                b, h = (_median(s.rounds[-1].get("e2e_s")) for s in (base, head))
-                log(f"round {r + 1}/{measure.rounds}: median s/image base {b:.4g}, head {h:.4g}")
+        per_process = -(-measure.rounds // measure.processes)
+        r = 0
+        while r < measure.rounds:
+            workers = {s.label: _Worker(s, out / f"{s.label}.log") for s in (base, head)}
+            try:
+                for _ in range(min(per_process, measure.rounds - r)):
+                    for side in ((base, head) if r % 2 == 0 else (head, base)):
+                        dest = (out / f"round{r:02d}-{side.label}").resolve()
+                        shutil.rmtree(dest, ignore_errors=True)
+                        slow = inject_slowdown if side is head else 0.0
+                        code = workers[side.label].run(bench_argv(measure, model, dest, slow), timeout)
+                        if code != 0:
+                            raise workers[side.label]._failure(f"exit {code}")
+                        _record(side, dest)
+                    if log:
+                        b, h = (_median(s.rounds[-1].get("e2e_s")) for s in (base, head))
+                        log(f"round {r + 1}/{measure.rounds}: median s/image base {b:.4g}, head {h:.4g}")
+                    r += 1
+            finally:
+                for w in workers.values():
+                    w.close()
         return base, head
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
