@@ -72,6 +72,11 @@ class Statistics(BaseModel):
     seed: int = Field(0, ge=0)
     min_runs: int = Field(5, ge=2, description="fewer timed runs per side than this is an error")
     min_rounds: int = Field(4, ge=2, description="--ab-rev: fewer subprocess pairs than this is an error")
+    rule: Literal["interval-above-limit", "significant-and-above-limit"] = Field(
+        "interval-above-limit",
+        description="when a latency ratio is a regression: the whole interval lies above 1 + limit; or "
+        "(asv's rule) the interval lies above 1 and the estimate above 1 + limit",
+    )
 
 
 class Measure(BaseModel):
@@ -268,16 +273,26 @@ def _latency_check(
         f"median {np.median(base):.4g} -> {np.median(cand):.4g} {unit}; {len(base)} vs {len(cand)} runs, "
         f"{stats.confidence:.0%} bootstrap interval of the ratio"
     )
-    return _ratio_check(metric, (ratio, lo, hi), pct, float(np.median(base)), float(np.median(cand)), detail)
+    return _ratio_check(metric, (ratio, lo, hi), pct, float(np.median(base)), float(np.median(cand)), detail,
+                        stats.rule)
 
 
 def _ratio_check(
-    metric: str, interval: tuple[float, float, float], pct: float, base: float, cand: float, detail: str
+    metric: str, interval: tuple[float, float, float], pct: float, base: float, cand: float, detail: str,
+    rule: str = "interval-above-limit",
 ) -> Check:
-    """A regression only when the whole interval of the ratio lies above ``1 + pct``."""
+    """Decide a latency ratio by ``statistics.rule``: a regression when the whole interval lies above
+    ``1 + pct`` ("interval-above-limit": slower than allowed, significantly), or when it lies above 1
+    and the estimate above ``1 + pct`` ("significant-and-above-limit": significantly slower, and by
+    more than allowed; asv's rule, more power for the same runs). Anything else whose interval
+    reaches past the limit is "inconclusive" (passes)."""
     ratio, lo, hi = interval
     bound = 1 + pct / 100
-    status: Status = "regression" if lo > bound else "inconclusive" if hi > bound else "pass"
+    if rule == "significant-and-above-limit":
+        regression = lo > 1 and ratio > bound
+    else:
+        regression = lo > bound
+    status: Status = "regression" if regression else "inconclusive" if hi > bound else "pass"
     change = f"{(ratio - 1) * 100:+.1f} % [{(lo - 1) * 100:+.1f}, {(hi - 1) * 100:+.1f}]"
     return Check(metric, status, base, cand, change, f"+{pct:g} %", detail)
 
@@ -306,7 +321,7 @@ def rounds_latency_checks(
         detail = (f"median of round medians {med_b:.4g} -> {med_c:.4g} {unit}; {len(base)} rounds of "
                   f"one `sdwb bench` per side ({runs} timed runs per side), {stats.confidence:.0%} "
                   f"bootstrap interval of the median paired ratio")
-        checks.append(_ratio_check(metric, interval, pct, med_b, med_c, detail))
+        checks.append(_ratio_check(metric, interval, pct, med_b, med_c, detail, stats.rule))
     return checks
 
 

@@ -6,8 +6,10 @@ one worker process per side is started: this environment's Python with that side
 driver sends the workers the same ``sdwb bench`` command line (latency only, a few timed runs)
 in turn, B H, H B, B H, ...: each such pair is a *round*. Every ``sdwb bench`` run loads its
 model, warms up and writes a ``results.json`` with per-run samples and the environment it ran
-in. After ``rounds / processes`` rounds both workers are replaced by fresh processes, so
-per-process effects (memory layout, thread placement) are sampled too.
+in. Each fresh pair of workers first runs one unrecorded round (a process's first ``sdwb bench``
+pays for lazy imports and first allocations: 1.5-5x slower here). After ``rounds / processes``
+rounds both workers are replaced by fresh processes, so per-process effects (memory layout,
+thread placement) are sampled too.
 
 Why: the two sides are different code, so they cannot share a process; and a latency comparison
 means something only between measurements of one machine in one span of time (a committed file
@@ -200,19 +202,25 @@ def measure_revisions(base_rev: str, measure, model: str, out: Path, *, inject_s
         base = Side("base", f"{base_rev} = {commit[:12]}", checkout_revision(commit, scratch / "tree", repo))
         head = Side("head", head_rev + ("-dirty" if dirty else ""), repo)
         per_process = -(-measure.rounds // measure.processes)
+
+        def bench(worker: _Worker, name: str) -> Path:
+            dest = (out / name).resolve()
+            shutil.rmtree(dest, ignore_errors=True)
+            slow = inject_slowdown if worker.side is head else 0.0
+            code = worker.run(bench_argv(measure, model, dest, slow), timeout)
+            if code != 0:
+                raise worker._failure(f"exit {code}")
+            return dest
+
         r = 0
         while r < measure.rounds:
             workers = {s.label: _Worker(s, out / f"{s.label}.log") for s in (base, head)}
             try:
+                for side in (base, head):  # the unrecorded first round of fresh processes
+                    bench(workers[side.label], f"warmup-{side.label}")
                 for _ in range(min(per_process, measure.rounds - r)):
                     for side in ((base, head) if r % 2 == 0 else (head, base)):
-                        dest = (out / f"round{r:02d}-{side.label}").resolve()
-                        shutil.rmtree(dest, ignore_errors=True)
-                        slow = inject_slowdown if side is head else 0.0
-                        code = workers[side.label].run(bench_argv(measure, model, dest, slow), timeout)
-                        if code != 0:
-                            raise workers[side.label]._failure(f"exit {code}")
-                        _record(side, dest)
+                        _record(side, bench(workers[side.label], f"round{r:02d}-{side.label}"))
                     if log:
                         b, h = (_median(s.rounds[-1].get("e2e_s")) for s in (base, head))
                         log(f"round {r + 1}/{measure.rounds}: median s/image base {b:.4g}, head {h:.4g}")
