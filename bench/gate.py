@@ -31,7 +31,9 @@ from xml.etree import ElementTree as ET
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sdwb.backends.registry import Backend
 from sdwb.errors import SdwbError
+from sdwb.schema_errors import format_errors, lower
 from sdwb.yaml_io import Scheduler, apply_overrides, read_yaml
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
@@ -92,7 +94,7 @@ class Measure(BaseModel):
     repeats: int = Field(15, ge=2, description="timed runs per model, interleaved A B A B ...")
     warmup: int = Field(2, ge=0)
     threads: Optional[int] = Field(None, ge=1)
-    backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
+    backend: Backend = "torch"
     metrics: list[Literal["latency", "memory", "quality"]] = Field(default_factory=lambda: ["latency"])
     model: str = Field("builtin:tiny-shapes", description="--ab-rev: the model both revisions benchmark")
     rounds: int = Field(
@@ -121,10 +123,8 @@ def load_gate_config(path: str | Path | None, overrides: list[str] | None = None
     try:
         return GateConfig.model_validate(data)
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"][:1].lower() + err["msg"][1:]
-        raise SdwbError(f"{source}: {key}: {what}") from None
+        raise SdwbError(f"{source}: " + format_errors(e, limit=1, empty_key="(top level)",
+                                                      got=lambda err: lower(err["msg"]))) from None
 
 
 # --------------------------------------------------------------------------- statistics
@@ -547,7 +547,8 @@ def ab_bench_config(
     """The two-variant ``BenchConfig`` that ``sdwb gate --ab`` runs (interleaved A B A B ...)."""
     from bench.scenario import BenchConfig
 
-    defaults: dict[str, Any] = {k: v for k, v in measure.model_dump().items() if v is not None}
+    settings = measure.model_dump(exclude={"model", "rounds", "processes"})  # those are --ab-rev's
+    defaults: dict[str, Any] = {k: v for k, v in settings.items() if v is not None}
     variants = [{"name": "baseline", "model": baseline}, {"name": "candidate", "model": candidate}]
     if inject_slowdown:
         variants[1]["unet_slowdown"] = float(inject_slowdown)

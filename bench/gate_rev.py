@@ -18,7 +18,8 @@ unchanged code). On this machine kind a neighbour's burst lasts seconds and a wh
 process can run 30-50 % slower than the next, so the units are short (about a second and a half
 of work each), adjacent, and paired: the decision (:func:`bench.gate.paired_rounds_ratio`) takes
 each round's ratio, so a slow second slows both halves of its round or spoils one round, not the
-verdict. The interface between revisions is ``sdwb.cli.main(argv)`` with ``sdwb bench``'s flags
+verdict. The interface between revisions is the ``sdwb`` entry point (``sdwb.app.cli.main(argv)``,
+``sdwb.cli.main`` before the application layer had its package) with ``sdwb bench``'s flags
 and its ``results.json``, which both sides have had since the gate existed: an older BASE needs
 no code of this module.
 """
@@ -39,12 +40,26 @@ from typing import Callable
 from sdwb.errors import SdwbError
 
 # A side's worker: reads one JSON argv per line, runs that side's ``sdwb`` entry point on it in this
-# process (its output sent to stderr), answers ``{"exit": code}`` on stdout.
+# process (its output sent to stderr), answers ``{"exit": code}`` on stdout. The editable install's
+# import hook (which maps every sdwb module to the working tree) is removed first, and after every
+# run each loaded module of the project must come from this side's tree: a side that ran the other
+# side's code would be a comparison of nothing, so it is refused (exit 3), not measured.
 _WORKER = """
-import contextlib, json, sys
+import contextlib, json, os, sys
 answer = sys.stdout
 sys.argv[0] = "sdwb"
-from sdwb.cli import main
+root = os.path.realpath(os.environ["SDWB_GATE_ROOT"]) + os.sep
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+try:
+    from sdwb.app.cli import main
+except ModuleNotFoundError:  # a revision from before sdwb/app/
+    from sdwb.cli import main
+
+def foreign():
+    return sorted(name for name, mod in list(sys.modules.items())
+                  if name.split(".")[0] in ("sdwb", "compress", "export", "bench")
+                  and getattr(mod, "__file__", None) and not os.path.realpath(mod.__file__).startswith(root))
+
 for line in sys.stdin:
     code = 0
     with contextlib.redirect_stdout(sys.stderr):
@@ -52,6 +67,10 @@ for line in sys.stdin:
             main(json.loads(line))
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    outside = foreign()
+    if outside:
+        sys.stderr.write(f"error: imported {', '.join(outside[:3])} from outside {root}\\n")
+        code = 3
     answer.write(json.dumps({"exit": code}) + "\\n")
     answer.flush()
 """
@@ -109,8 +128,9 @@ def checkout_revision(commit: str, dest: Path, repo: Path = REPO_ROOT) -> Path:
     if archive.returncode != 0 or untar.returncode != 0:
         why = (err or untar.stderr.decode(errors="replace")).strip().splitlines()[-1:] or ["?"]
         raise SdwbError(f"--ab-rev: could not copy out {commit[:12]}: {why[0]}")
-    if not (dest / "sdwb" / "cli.py").is_file():
-        raise SdwbError(f"--ab-rev {commit[:12]}: that revision has no sdwb/cli.py (not an sdwb revision)")
+    if not any((dest / "sdwb" / rel).is_file() for rel in ("app/cli.py", "cli.py")):
+        raise SdwbError(f"--ab-rev {commit[:12]}: that revision has no sdwb command line (not an sdwb "
+                        "revision)")
     return dest
 
 
@@ -135,7 +155,7 @@ class _Worker:
     def __init__(self, side: Side, log_path: Path):
         self.side, self.log_path = side, log_path
         self.log = open(log_path, "ab")
-        env = {**os.environ, "PYTHONPATH": str(side.root)}
+        env = {**os.environ, "PYTHONPATH": str(side.root), "SDWB_GATE_ROOT": str(side.root)}
         env.pop("SDWB_DEBUG", None)  # errors as one line, which is what the driver reports
         self.proc = subprocess.Popen([sys.executable, "-c", _WORKER], cwd=side.root, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
@@ -185,6 +205,9 @@ def _record(side: Side, out: Path) -> None:
     if not side.environment:
         side.environment = dict(data.get("environment") or {})
         side.environment["git_revision"] = side.revision
+        threads = (data.get("rows") or [{}])[0].get("threads")
+        if threads:  # the threads the timed runs used (the process default is recorded otherwise)
+            side.environment["torch_threads"] = threads
 
 
 def measure_revisions(base_rev: str, measure, model: str, out: Path, *, inject_slowdown: float = 0.0,

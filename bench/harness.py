@@ -15,7 +15,7 @@ empty for models where it means nothing (``builtin:sd15-arch``).
 Backends: ``torch`` rows load a diffusers pipeline. ``onnxruntime`` rows take an ONNX export
 directory, or a torch model spec that is exported once into ``OUT/exports/<variant>/`` before
 anything is measured (validated against PyTorch, reused on the next run while its manifest
-still verifies and names the same source content: :func:`export.backends.ensure_export`); the
+still verifies and names the same source content: :func:`sdwb.backends.registry.ensure_export`); the
 sessions run with ``threads`` intra-op threads (the scenario's, else torch's default, recorded
 either way) on the CPU provider (CUDA then CPU for ``device: cuda``). ``tensorrt`` rows take an
 engine directory and need a GPU: without one they fail in the preflight with the runner's
@@ -23,7 +23,7 @@ one-line reason. Exported rows generate the same prompts with the same seeds (so
 against a torch baseline row compare the same images), are timed per component through the
 pipeline's hooks, and their memory probe opens the exported pipeline in a fresh process. Their
 ``size_mb`` is the graph files and ``params_m`` the ONNX initializers (see
-:mod:`export.backends`); ``unet_gmacs`` is counted on the source torch UNet (same graph).
+:mod:`sdwb.backends.registry`); ``unet_gmacs`` is counted on the source torch UNet (same graph).
 Extra columns: ``providers``, ``export_dir``, ``export_reused`` and, for an export made by
 this run, ``export_s`` and ``export_peak_rss_mb`` (the export runs as ``sdwb export onnx`` in a
 fresh process, so this is that command's peak RSS, and the benchmark never holds its memory).
@@ -77,13 +77,9 @@ def preflight(scenarios: list[Scenario]) -> list[Scenario]:
         if device == "cuda" and not torch.cuda.is_available():
             raise SdwbError(f"variant {s.variant}: device cuda requested but CUDA is not available here")
         update = {"device": device}
-        if s.model.startswith("recipe:"):  # the final model of a recipe that has been run
-            from sdwb.recipe_run import final_model
-
-            try:
-                update["model"] = final_model(s.model)
-            except SdwbError as e:
-                raise SdwbError(f"variant {s.variant}: {e}") from None
+        if s.model.startswith("recipe:"):  # resolved by the application layer before a bench
+            raise SdwbError(f"variant {s.variant}: {s.model}: a recipe model is resolved by `sdwb bench` / "
+                            "`sdwb run`, not by the benchmark harness")
         if s.backend == "onnxruntime":
             update["threads"] = s.threads or torch.get_num_threads()
         out.append(s.model_copy(update=update))
@@ -106,7 +102,7 @@ def preflight(scenarios: list[Scenario]) -> list[Scenario]:
 def _is_export_of(s: Scenario) -> bool:
     """For an exported backend: True when ``s.model`` is already what it runs; False when it is a
     torch spec to export first (onnxruntime only). Wrong combinations are one-line errors."""
-    from export.backends import ONNX_FORMAT, check_model, manifest_format
+    from sdwb.backends.registry import ONNX_FORMAT, check_model, manifest_format
 
     if s.dtype != "fp32" and s.backend == "onnxruntime":
         raise SdwbError(f"variant {s.variant}: dtype {s.dtype} with backend onnxruntime: exports are fp32 "
@@ -252,7 +248,7 @@ def _swap_images(run: _Run) -> None:
 def _prepare(run: _Run, bars: _Bars) -> None:
     """Exported rows: the directory each runs; torch specs under onnxruntime are exported once
     into ``OUT/exports/<variant>/`` (before any model is loaded, so the export has the RAM)."""
-    from export.backends import ensure_export
+    from sdwb.backends.registry import ensure_export
 
     todo = [s for s in run.scenarios if s.backend != "torch"]
     if not todo:
@@ -309,7 +305,7 @@ def _load(run: _Run, bars: _Bars) -> dict[str, Any]:
 
 def _load_exported(run: _Run, s: Scenario, cache: dict[tuple, Any]):
     """Open an ONNX Runtime / TensorRT pipeline (hashes verified) and fill its static columns."""
-    from export.backends import exported_size_mb, onnx_param_counts, open_exported
+    from sdwb.backends.registry import exported_size_mb, onnx_param_counts, open_exported
 
     directory = run.model_dirs[s.variant]
     key = (s.backend, str(directory.resolve()), s.device, s.threads)
@@ -345,7 +341,8 @@ def _relative(path: Path, root: Path) -> str:
 
 def _images(run: _Run, pipes: dict, prompts: dict, bars: _Bars) -> None:
     """Generate and save every prompt's image for the variants that measure quality."""
-    from bench.latency import fixed_threads, generate_fn_for
+    from bench.latency import fixed_threads
+    from sdwb.generate import generate
     from sdwb.runs import atomic_save_image
 
     todo = [s for s in run.scenarios if "quality" in s.metrics]
@@ -357,7 +354,6 @@ def _images(run: _Run, pipes: dict, prompts: dict, bars: _Bars) -> None:
         with fixed_threads(s.threads):
             for start in range(0, len(texts), s.batch):
                 chunk = texts[start : start + s.batch]
-                generate = generate_fn_for(pipes[s.variant])
                 try:
                     out = generate(pipes[s.variant], chunk, steps=s.steps, guidance=s.guidance,
                                    seed=s.seed + start, scheduler=s.scheduler, batch=s.batch,

@@ -3,12 +3,12 @@
 What: each timed run is one ``sdwb.generate.generate`` call on ``batch`` prompts (the same code
 path as the quality images). While it runs, ``text_encoder.forward``, ``unet.forward`` and
 ``vae.decode`` are wrapped with timers, so one run yields the end-to-end time and every
-component call. Exported pipelines (ONNX Runtime, TensorRT: :class:`export.ort.ExportedPipeline`)
-run :func:`export.ort.generate_ort` instead and are timed through their own hooks
-(:class:`HookTimer`: each session call of ``text_encoder``, ``unet``, ``vae_decoder``), so the
-columns mean the same on every backend. Why interleaved: runs go A B A B ... (after the warm-up runs, also
-interleaved), so slow drifts of the machine (thermal, a background job, page cache) hit every
-variant alike instead of biasing whichever was measured last.
+component call. Exported pipelines (ONNX Runtime, TensorRT:
+:class:`sdwb.backends.onnxruntime.ExportedPipeline`) answer the same call and are timed through
+their own hooks (:class:`HookTimer`: each session call of ``text_encoder``, ``unet``,
+``vae_decoder``), so the columns mean the same on every backend. Why interleaved: runs go A B A
+B ... (after the warm-up runs, also interleaved), so slow drifts of the machine (thermal, a
+background job, page cache) hit every variant alike instead of biasing whichever was measured last.
 
 Clocks: on CPU ``time.perf_counter``; on CUDA components are timed with CUDA events (no extra
 synchronisation inside the loop) and the end-to-end time with ``torch.cuda.synchronize``
@@ -209,17 +209,6 @@ def timer_for(pipe, clock=None, unet_slowdown: float = 0.0):
     return cls(pipe, clock, unet_slowdown=unet_slowdown)
 
 
-def generate_fn_for(pipe) -> Callable:
-    """:func:`sdwb.generate.generate` or, for exported pipelines, :func:`export.ort.generate_ort`."""
-    if is_exported(pipe):
-        from export.ort import generate_ort
-
-        return generate_ort
-    from sdwb.generate import generate
-
-    return generate
-
-
 @dataclass
 class RunTiming:
     """One timed run of one variant."""
@@ -252,7 +241,8 @@ def timed_run(pipe, scenario, prompts: list[str], clock=None, threads: int | Non
     """
     import torch
 
-    generate_fn = generate_fn or generate_fn_for(pipe)
+    if generate_fn is None:  # every backend's pipeline answers the same call
+        from sdwb.generate import generate as generate_fn
     clock = clock or clock_for(scenario.device)
     if threads is not None:
         torch.set_num_threads(threads)

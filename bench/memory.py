@@ -6,14 +6,15 @@ variant. :mod:`bench.memory_probe` starts clean, loads the model, generates one 
 reports its peak RSS (the high-water mark of the whole process: Python, torch and the libraries
 included, as a deployment would see it) and, on CUDA, ``torch.cuda.max_memory_allocated``.
 
-GMACs are counted by torch-pruning's ``count_ops_and_params`` for ONE UNet call on ONE sample
-(latent ``1 x C x H/f x W/f``, one timestep, ``1 x tokens x hidden`` text states); multiply by
-``unet_batch`` (2*batch with guidance) for a real call. The counter hooks nn.Modules (conv,
-linear, norms, ...): functional ops, notably the attention matmuls inside
-``scaled_dot_product_attention``, are NOT counted. For exported rows (ONNX Runtime, TensorRT) the
-probe opens the exported pipeline, and GMACs are counted on the source torch UNet the export
-recorded (the graph is the same computation); ``cuda_peak_mb`` stays empty for them (torch's
-allocator does not see ONNX Runtime's or TensorRT's device memory). MB means 2**20 bytes.
+GMACs are counted by the core's one counter (:mod:`sdwb.macs`, the same number pruning reports)
+for ONE UNet call on ONE sample (latent ``1 x C x H/f x W/f``, one timestep, ``1 x tokens x
+hidden`` text states); multiply by ``unet_batch`` (2*batch with guidance) for a real call. The
+counter hooks nn.Modules (conv, linear, norms, ...): functional ops, notably the attention
+matmuls inside ``scaled_dot_product_attention``, are NOT counted. For exported rows (ONNX
+Runtime, TensorRT) the probe opens the exported pipeline, and GMACs are counted on the source
+torch UNet the export recorded (the graph is the same computation); ``cuda_peak_mb`` stays
+empty for them (torch's allocator does not see ONNX Runtime's or TensorRT's device memory). MB
+means 2**20 bytes.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ import sys
 from pathlib import Path
 
 from sdwb.errors import SdwbError
+from sdwb.variants.files import MB, weight_files
 
 PROBE_MARK = "SDWB_PROBE "
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".onnx_data", ".data", ".plan")
-MB = 2**20
 
 
 def probe_command(scenario, allocate_mb: int = 0, gmacs: bool = True,
@@ -74,17 +74,6 @@ def run_probe(scenario, allocate_mb: int = 0, gmacs: bool = True, timeout: float
     raise SdwbError(f"variant {scenario.variant}: memory probe failed (exit {proc.returncode}): {tail}")
 
 
-def weight_files(directory: Path) -> list[Path]:
-    """Weight files of a model directory; per folder safetensors win over other formats."""
-    files: list[Path] = []
-    folders = sorted({p.parent for p in directory.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()})
-    for folder in folders:
-        here = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-        safe = [p for p in here if p.suffix == ".safetensors"]
-        files += safe or here
-    return files
-
-
 def size_on_disk_mb(spec: str) -> float | None:
     """MB of the weight files a spec loads from; None for a model built in code (sd15-arch)."""
     from sdwb.loading import resolve_spec
@@ -106,38 +95,3 @@ def param_counts(pipe) -> dict[str, float]:
     unet = count(pipe.unet)
     total = unet + count(getattr(pipe, "vae", None)) + count(getattr(pipe, "text_encoder", None))
     return {"params_m": total / 1e6, "unet_params_m": unet / 1e6}
-
-
-def unet_example_inputs(pipe, height: int | None = None, width: int | None = None) -> dict:
-    """One-sample UNet inputs of the shapes the pipeline uses at ``height x width`` (default size)."""
-    import torch
-
-    unet = pipe.unet
-    factor = getattr(pipe, "vae_scale_factor", 8)
-    size = unet.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    h = height // factor if height else size[0]
-    w = width // factor if width else size[1]
-    channels = unet.conv_in.in_channels
-    tokens = pipe.tokenizer.model_max_length
-    encoder = getattr(pipe, "text_encoder", None)
-    hidden = encoder.config.hidden_size if encoder is not None else unet.config.cross_attention_dim
-    param = next(unet.parameters())
-    return {
-        "sample": torch.zeros(1, channels, h, w, dtype=param.dtype, device=param.device),
-        "timestep": torch.tensor([999], device=param.device),
-        "encoder_hidden_states": torch.zeros(1, tokens, hidden, dtype=param.dtype, device=param.device),
-    }
-
-
-def unet_gmacs(unet, example_inputs: dict) -> float:
-    """GMACs of one UNet call on ``example_inputs`` by torch-pruning's counter (see module doc)."""
-    import contextlib
-    import io
-
-    import torch
-    import torch_pruning as tp
-
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        macs, _ = tp.utils.count_ops_and_params(unet, example_inputs=example_inputs)
-    return float(macs) / 1e9

@@ -21,6 +21,8 @@ import os
 import resource
 import sys
 
+from sdwb.backends.registry import BACKENDS
+
 PROBE_MARK = "SDWB_PROBE "
 
 
@@ -56,7 +58,7 @@ def peak_rss_mb() -> float:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.memory_probe", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"))
+    p.add_argument("--backend", default="torch", choices=BACKENDS)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=2)
@@ -94,8 +96,7 @@ def probe(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     exported = args.backend != "torch"
     if exported:
-        from export.backends import open_exported
-        from export.ort import generate_ort as generate
+        from sdwb.backends.registry import open_exported
 
         pipe = open_exported(args.backend, args.model, device=device, threads=args.threads)
         out["threads"] = args.threads or out["threads"]
@@ -114,12 +115,13 @@ def probe(args: argparse.Namespace) -> dict:
     out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda and not exported else None
     del ballast
     if not args.no_gmacs:
-        from bench.memory import unet_example_inputs, unet_gmacs
+        from sdwb.macs import unet_example_inputs, unet_macs
 
         if exported:
             pipe = _source_pipeline(pipe.manifest)
         if pipe is not None:
-            out["unet_gmacs"] = unet_gmacs(pipe.unet, unet_example_inputs(pipe, args.height, args.width))
+            inputs = unet_example_inputs(pipe, args.height, args.width)
+            out["unet_gmacs"] = unet_macs(pipe.unet, inputs)["gmacs"]
     return out
 
 

@@ -24,14 +24,16 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
 
+from sdwb.backends.registry import BACKENDS, Backend
 from sdwb.errors import SdwbError
-from sdwb.yaml_io import Backend, DType, Scheduler, apply_overrides, parse_override
+from sdwb.schema_errors import format_errors, lower, short
+from sdwb.yaml_io import DType, Scheduler, apply_overrides, parse_override
 from sdwb.yaml_io import read_yaml as _read_yaml
 
 Metric = Literal["latency", "memory", "quality"]
 METRICS: tuple[str, ...] = ("latency", "memory", "quality")
 SHAPES_EVAL = "builtin:shapes-eval"
-SUPPORTED_BACKENDS = ("torch", "onnxruntime", "tensorrt")
+SUPPORTED_BACKENDS = BACKENDS  # the backends table (sdwb.backends.registry)
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -41,7 +43,7 @@ class Settings(BaseModel):
 
     model_config = _STRICT
 
-    backend: Backend = Field("torch", description="torch | onnxruntime | tensorrt (see bench.harness)")
+    backend: Backend = Field("torch", description=" | ".join(BACKENDS) + " (see bench.harness)")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="auto: cuda when available")
     dtype: DType = "fp32"
     threads: Optional[int] = Field(None, ge=1, description="intra-op threads (torch, and ONNX Runtime "
@@ -164,7 +166,7 @@ class BenchConfig(BaseModel):
                     err = e.errors(include_url=False)[0]
                     key = ".".join(map(str, err["loc"]))
                     where = f"sweep.{key}" if key in keys else f"variants.{v.name}.{key}"
-                    raise ValueError(f"{where}: {_lower(err['msg'])}, got {_short(err['input'])}") from None
+                    raise ValueError(f"{where}: {lower(err['msg'])}, got {short(err['input'])}") from None
                 label = f"{v.name}-{suffix}" if suffix else v.name
                 rows.append((label, v.name, {**settings, "model": v.model, "scenario": suffix or self.name}))
         labels = [r[0] for r in rows]
@@ -185,15 +187,6 @@ class BenchConfig(BaseModel):
 
 def _label(value: Any) -> str:
     return str(value).replace("/", "_").replace(" ", "")
-
-
-def _lower(msg: str) -> str:
-    return msg[:1].lower() + msg[1:] if msg else msg
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- loading
@@ -312,27 +305,6 @@ def load_prompts(scenario: Settings) -> tuple[list[str], list[dict] | None]:
 _SECTION_MODELS = {"defaults": Settings, "variants": Variant, "sweep": None}
 
 
-def _format_one(err: dict, data: dict, set_keys: list[list[str]]) -> str:
-    loc = tuple(err["loc"])
-    if loc[:1] == ("variants",) and len(loc) > 1 and isinstance(loc[1], int):
-        name = _variant_name(data, loc[1])
-        loc = ("variants", f"{loc[1]}" + (f"({name})" if name else ""), *loc[2:])
-    key = ".".join(map(str, loc))
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        model = _SECTION_MODELS.get(loc[0], BenchConfig) if len(loc) > 1 else BenchConfig
-        what = "unknown key" + (f" (allowed: {', '.join(model.model_fields)})" if model else "")
-    elif kind == "missing":
-        what = "required key is missing"
-    elif kind == "value_error":
-        return str(err["ctx"]["error"]) if "ctx" in err else _lower(err["msg"])
-    else:
-        what = f"{_lower(err['msg'])}, got {_short(err['input'])}"
-    if any(list(map(str, err["loc"][: len(k)])) == k for k in set_keys):
-        what += " [from --set]"
-    return f"{key}: {what}" if key else what
-
-
 def _variant_name(data: dict, index: int) -> str | None:
     try:
         name = data["variants"][index]["name"]
@@ -342,7 +314,17 @@ def _variant_name(data: dict, index: int) -> str | None:
 
 
 def _format(e: ValidationError, source: str, data: dict, set_keys: list[list[str]]) -> str:
-    errors = e.errors(include_url=False)
-    parts = [_format_one(err, data, set_keys) for err in errors[:3]]
-    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-    return f"{source}: " + "; ".join(parts) + more
+    def label(loc: tuple) -> str:
+        if loc[:1] == ("variants",) and len(loc) > 1 and isinstance(loc[1], int):
+            name = _variant_name(data, loc[1])
+            loc = ("variants", f"{loc[1]}" + (f"({name})" if name else ""), *loc[2:])
+        return ".".join(map(str, loc))
+
+    def allowed(loc: tuple) -> list[str] | None:
+        model = _SECTION_MODELS.get(loc[0], BenchConfig) if len(loc) > 1 else BenchConfig
+        return list(model.model_fields) if model else None
+
+    return f"{source}: " + format_errors(
+        e, allowed=allowed, label=label, set_keys=set_keys, value_error_key=False,
+        got=lambda err: f"{lower(err['msg'])}, got {short(err['input'])}",
+    )

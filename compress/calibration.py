@@ -11,8 +11,8 @@ VAE decoder's ``latent`` (the trajectory's end) are recorded too. Trajectory ``i
 the noise of ``torch.Generator().manual_seed(seed + i)``: same config, same arrays.
 
 Works on a torch ``StableDiffusionPipeline`` (a forward pre-hook on the UNet) and on an
-:class:`export.ort.ExportedPipeline` (its component runners are wrapped); the feeds are numpy in
-the exported graphs' dtypes, ready for ONNX Runtime's ``CalibrationDataReader``.
+:class:`sdwb.backends.onnxruntime.ExportedPipeline` (its component runners are wrapped); the feeds
+are numpy in the exported graphs' dtypes, ready for ONNX Runtime's ``CalibrationDataReader``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from compress.quant_config import CalibrationConfig
+from sdwb.quant.config import CalibrationConfig
 
 
 @dataclass
@@ -128,7 +128,7 @@ def record_trajectories(pipe, config: CalibrationConfig, progress=None) -> Calib
     keep = set(selected_steps(config.steps, config.timesteps))
     unet_feeds: list[dict] = []
     latents: list[dict] = []
-    from export.ort import ExportedPipeline
+    from sdwb.backends.onnxruntime import ExportedPipeline
 
     exported = isinstance(pipe, ExportedPipeline)
     scheduler = make_scheduler(config.scheduler, pipe.scheduler.config)
@@ -138,32 +138,21 @@ def record_trajectories(pipe, config: CalibrationConfig, progress=None) -> Calib
     for i, prompt in enumerate(prompts):
         generator = torch.Generator("cpu").manual_seed(config.seed + i)
         with recorder(pipe, keep, unet_feeds, latents), torch.inference_mode():
-            if exported:
+            original = pipe.scheduler  # every backend's pipeline: one call contract, swappable scheduler
+            pipe.scheduler = make_scheduler(config.scheduler, original.config)
+            pipe.set_progress_bar_config(disable=True)
+            try:
                 pipe(
                     [prompt],
                     num_inference_steps=config.steps,
                     guidance_scale=config.guidance,
                     generator=[generator],
-                    scheduler=make_scheduler(config.scheduler, pipe.scheduler.config),
+                    output_type="np",
                     height=config.height,
                     width=config.width,
                 )
-            else:
-                original = pipe.scheduler
-                pipe.scheduler = make_scheduler(config.scheduler, original.config)
-                pipe.set_progress_bar_config(disable=True)
-                try:
-                    pipe(
-                        [prompt],
-                        num_inference_steps=config.steps,
-                        guidance_scale=config.guidance,
-                        generator=[generator],
-                        output_type="np",
-                        height=config.height,
-                        width=config.width,
-                    )
-                finally:
-                    pipe.scheduler = original
+            finally:
+                pipe.scheduler = original
         if progress:
             progress(f"calibration trajectory {i + 1}/{len(prompts)}")
     texts = prompts + ([""] if config.guidance > 1.0 else [])
@@ -212,3 +201,13 @@ def calibration_reader(calib: CalibrationSet, component: str, input_names: list[
         pass
 
     return _Reader(calib.feeds[component], input_names)
+
+
+def calibrate_w8a8(pipe, config) -> tuple[dict, dict]:
+    """``(ranges, calibration summary)`` of ``torch-int8-static``: the UNet's input ranges at every
+    targeted Conv2d/Linear, observed along the recorded denoising trajectories."""
+    from sdwb.quant import w8a8
+
+    calib = record_trajectories(pipe, config.calibration)
+    names = w8a8.targets(pipe.unet, config.exclude)
+    return w8a8.calibrate_ranges(pipe.unet, names, calib.feeds["unet"]), calib.summary()

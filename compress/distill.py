@@ -190,29 +190,17 @@ def latent_pool(pipe, count: int, path: Path | None = None, progress: bool = Fal
 
 def _load_source(source) -> tuple[object, dict, str | None]:
     """(fp32 CPU pipeline, parent record, fingerprint of the source files or None)."""
-    if not isinstance(source, (str, Path)):
-        return copy.deepcopy(source), {"spec": None, "class": type(source).__name__}, None
-    from compress.variants import read_record
-    from export.onnx import is_export_dir
-    from sdwb.loading import load_pipeline, resolve_spec
+    from compress.variant_io import load_source
+    from sdwb.variants.manifest import source_fingerprint
 
-    spec = str(source)
-    path = resolve_spec(spec, "pipeline")
-    record = read_record(path) if path is not None and path.is_dir() else None
-    if record and record.get("stage") == "quantize":
-        raise SdwbError(f"{spec}: a quantized variant ({record.get('method')}); distill its float parent "
-                        f"({record.get('parent', {}).get('spec')}) and quantize the student")
-    if path is not None and is_export_dir(path):
-        raise SdwbError(f"{spec}: an ONNX export; distillation trains a torch UNet: give the diffusers "
-                        "pipeline or builtin model it was exported from")
-    pipe = load_pipeline(spec, device="cpu", dtype=torch.float32)
-    parent = {"spec": spec, "path": str(Path(path).resolve()) if path else None, "variant": record}
-    fingerprint = None
-    if path is not None:
-        from export.onnx import source_fingerprint
-
-        fingerprint = source_fingerprint(spec)
-    return pipe, parent, fingerprint
+    src = load_source(source, refuse={
+        "quantize": "{spec}: a quantized variant ({method}); distill its float parent ({parent}) and "
+                    "quantize the student",
+    }, export_error="{spec}: an ONNX export; distillation trains a torch UNet: give the diffusers pipeline "
+                    "or "
+                    "builtin model it was exported from")
+    fingerprint = source_fingerprint(src.parent["spec"]) if src.path is not None else None
+    return src.pipe, src.parent, fingerprint
 
 
 def _absorbed_guidance(config: DistillConfig, parent: dict) -> float | None:
@@ -530,41 +518,20 @@ def distill(
     seconds = round(time.perf_counter() - started, 3)
     record = _record(config, parent, rounds, inference, seconds)
     if out is not None:
-        record = _write_variant(pipe, out, record, overwrite, say)
+        from compress.variant_io import write_float_variant
+
+        record = write_float_variant(pipe, out, record, overwrite, say)
         if not keep_work:
             shutil.rmtree(work, ignore_errors=True)
     return Distilled(config, pipe, record, out, rounds)
 
 
 def _record(config: DistillConfig, parent: dict, rounds: list[dict], inference: dict, seconds: float) -> dict:
-    from compress.variants import FORMAT, library_versions
+    from sdwb.variants.record import new_record
 
-    return {
-        "format": FORMAT,
-        "version": 1,
-        "stage": "distill",
-        "method": config.method,
-        "backend": "torch",
-        "weights": "float32 student UNet; VAE and text encoder are the parent's",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "parent": parent,
-        "config": resolved(config),
-        "inference": inference,
-        "rounds": rounds,
-        "metrics": {"distill_seconds": seconds},
-        "libraries": library_versions(),
-    }
-
-
-def _write_variant(pipe, out: Path, record: dict, overwrite: bool, say) -> dict:
-    from compress.quantize import _dir_mb, save_float
-    from compress.variants import hash_tree
-    from sdwb.runs import atomic_dir, atomic_write_json
-
-    say(f"writing {out}")
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_float(pipe, tmp)
-        record["metrics"]["size_mb"] = _dir_mb(tmp)
-        record["files"] = hash_tree(tmp)
-        atomic_write_json(tmp / "sdwb.json", record)
-    return record
+    return new_record(
+        stage="distill", method=config.method, backend="torch",
+        weights="float32 student UNet; VAE and text encoder are the parent's",
+        parent=parent, config=resolved(config), inference=inference, rounds=rounds,
+        metrics={"distill_seconds": seconds},
+    )

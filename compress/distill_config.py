@@ -159,23 +159,19 @@ def parse_distill_config(data: Any, source: str = "distill config") -> DistillCo
     method = data.get("method", "progressive")
     if method not in METHODS:
         raise SdwbError(f"{source}: method: unknown method {method!r} (expected one of {', '.join(METHODS)})")
-    from compress.quant_config import _format
+    from sdwb.schema_errors import fields_of, format_errors
 
     try:
         return DistillConfig.model_validate(data)
     except ValidationError as e:
-        raise SdwbError(f"{source}: {_format(e, DistillConfig)}") from None
+        raise SdwbError(f"{source}: {format_errors(e, allowed=fields_of(DistillConfig))}") from None
 
 
 def load_distill_config(path: str | Path | None = None, overrides: list[str] | None = None,
                         **flags: Any) -> DistillConfig:
     """Read ``configs/distill/*.yaml`` (or start from the defaults), apply ``--set KEY=VALUE``
     overrides, then ``flags`` (command-line options; None values are ignored), and validate."""
-    from sdwb.yaml_io import apply_overrides
-    from sdwb.yaml_io import read_yaml as _read_yaml
+    from sdwb.yaml_io import read_with_flags
 
-    data = _read_yaml(Path(path)) if path is not None else {}
-    source = str(path) if path is not None else "command line"
-    data = apply_overrides(data, overrides)
-    data.update({k: v for k, v in flags.items() if v is not None})
+    data, source = read_with_flags(path, overrides, flags)
     return parse_distill_config(data, source)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from compress.calibration import calibration_prompts
-from compress.quant_config import GuardConfig
 from sdwb.errors import SdwbError
+from sdwb.quant.config import GuardConfig
 
 PSNR_CAP = 100.0  # identical images: reported as 100 dB instead of inf (JSON-safe)
 
@@ -33,7 +33,7 @@ def probe_prompts(config: GuardConfig) -> list[str]:
 
 
 def render(pipe, config: GuardConfig) -> list:
-    """Probe images of a torch pipeline or an exported pipeline (``generate_ort``)."""
+    """Probe images of any pipeline (torch or exported: one call contract)."""
     prompts = probe_prompts(config)
     kw = dict(
         steps=config.steps,
@@ -42,10 +42,6 @@ def render(pipe, config: GuardConfig) -> list:
         scheduler=config.scheduler,
         progress=False,
     )
-    from export.ort import ExportedPipeline, generate_ort
-
-    if isinstance(pipe, ExportedPipeline):
-        return generate_ort(pipe, prompts, **kw)
     from sdwb.generate import generate
 
     return generate(pipe, prompts, **kw)

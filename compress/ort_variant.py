@@ -6,7 +6,7 @@ whose quantized components replace the float graphs. The manifest keeps the floa
 interfaces and adds, per quantized component, a ``quantization`` entry (method, excluded nodes,
 quantize ops, size before/after, max error vs the float graph on recorded inputs) and, at the
 top, ``quantization`` and ``source`` blocks; ``files`` is re-hashed. ``sdwb.json`` beside it is
-the variant record (:mod:`compress.variants`), with the calibration's visited timesteps.
+the variant record (:mod:`sdwb.variants.requantize`), with the calibration's visited timesteps.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from compress import guard as guard_mod
-from compress.quant_config import QuantConfig, resolved
-from compress.quantize import MB, Variant, copy_export, scratch_dir
-from compress.variants import build_record, hash_tree
+from compress.variant_io import Variant, copy_export, scratch_dir
 from sdwb.errors import SdwbError
+from sdwb.quant.config import QuantConfig, resolved
+from sdwb.variants.files import MB, hash_files
+from sdwb.variants.record import RECORD, new_record
 
 COMPARE_SAMPLES = 4
 
@@ -33,7 +34,7 @@ def _component_files(manifest: dict, name: str) -> list[str]:
 
 def _sample_feeds(entry: dict, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Seeded random inputs at the manifest's opt point (when no calibration feeds exist)."""
-    from export.interfaces import resolve_dim
+    from sdwb.variants.manifest import resolve_dim
 
     point = {axis: v["opt"] for axis, v in entry["axes"].items()}
     rng = np.random.default_rng(seed)
@@ -72,19 +73,24 @@ def _spread(items: list, n: int) -> list:
 
 
 def quantize_ort(
-    pipe, export_dir: Path | None, config: QuantConfig, out: Path, overwrite: bool, parent: dict, say
+    pipe, export_dir: Path | None, config: QuantConfig, out: Path, overwrite: bool, parent: dict, say,
+    exporter=None,
 ) -> Variant:
-    """Export (if needed), calibrate, quantize, guard and write an ONNX Runtime variant to ``out``."""
-    from export.onnx import MANIFEST, export_onnx, hash_files, verify_manifest
-    from export.ort import OrtStableDiffusionPipeline
+    """Export (if needed, with ``exporter``), calibrate, quantize, guard and write an ONNX Runtime
+    variant to ``out``."""
+    if export_dir is None and exporter is None:
+        raise SdwbError(f"{config.method}: quantizes an ONNX export; give an export directory (`sdwb export "
+                        "onnx`) or quantize through `sdwb compress quantize`, which exports first")
+    from sdwb.backends.onnxruntime import OrtStableDiffusionPipeline
     from sdwb.runs import atomic_dir, atomic_write_json
+    from sdwb.variants.manifest import MANIFEST, verify_manifest
 
     threads = torch.get_num_threads()
     with scratch_dir(out) as scratch:
         if export_dir is None:
             say("exporting the float model to ONNX")
             export_dir = Path(scratch) / "float"
-            export_onnx(pipe, export_dir, progress=lambda m: say(f"float export: {m}"))
+            exporter(pipe, export_dir, progress=lambda m: say(f"float export: {m}"))
             parent = {**parent, "export": None}
         else:
             parent = {**parent, "export": str(export_dir.resolve())}
@@ -110,7 +116,7 @@ def quantize_ort(
         del float_pipe
         release_memory()  # sd15-arch: the float sessions held ~11 GB; quantize_static needs it back
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            skip = {MANIFEST, "sdwb.json"} | {
+            skip = {MANIFEST, RECORD} | {
                 f for c in config.components for f in _component_files(manifest, c)
             }
             copy_export(export_dir, tmp, skip)
@@ -119,7 +125,7 @@ def quantize_ort(
                 say(f"quantizing {name} ({config.method})")
                 entries[name] = _quantize_component(export_dir, tmp, name, manifest, config, calib)
             quantize_s = round(time.perf_counter() - started, 3)
-            new_manifest = _manifest(manifest, entries, config, parent, hash_files(tmp))
+            new_manifest = _manifest(manifest, entries, config, parent, hash_files(tmp, skip=(MANIFEST,)))
             atomic_write_json(tmp / MANIFEST, new_manifest)
             metrics = {
                 "quantize_seconds": quantize_s,
@@ -134,45 +140,74 @@ def quantize_ort(
                 del quant_pipe
             else:
                 metrics["guard"] = "disabled"
-            record = build_record(
-                method=config.method,
-                backend="onnxruntime",
-                config=resolved(config),
-                parent=parent,
-                metrics=metrics,
-                calibration=calib.summary() if calib else None,
+            record = new_record(
+                stage="quantize", method=config.method, backend="onnxruntime",
                 weights="quantized ONNX graphs",
-                files=hash_tree(tmp),
+                parent=parent, config=resolved(config), calibration=calib.summary() if calib else None,
+                metrics=metrics,
             )
-            atomic_write_json(tmp / "sdwb.json", record)
-            new_manifest["files"] = hash_files(tmp)  # now including sdwb.json
+            record["files"] = hash_files(tmp, skip=(RECORD, MANIFEST))
+            atomic_write_json(tmp / RECORD, record)
+            new_manifest["files"] = hash_files(tmp, skip=(MANIFEST,))  # now including sdwb.json
             atomic_write_json(tmp / MANIFEST, new_manifest)
     return Variant(config.method, "onnxruntime", config, record, out, None, metrics)
+
+
+# The graph quantizers of the ONNX Runtime methods registered in sdwb.quant.config: method name ->
+# ``(src, dst, config, component name, its input names, calibration) -> summary``.
+GRAPH_QUANTIZERS: dict[str, object] = {}
+
+
+def quantizes(*methods: str):
+    """Function decorator: register the graph quantizer of ONNX Runtime ``methods``."""
+
+    def add(fn):
+        for method in methods:
+            GRAPH_QUANTIZERS[method] = fn
+        return fn
+
+    return add
+
+
+@quantizes("ort-int8-dynamic")
+def _int8_dynamic(src: Path, dst: Path, config, name: str, names: list[str], calib) -> dict:
+    from compress.quant_ort import quantize_dynamic_file
+
+    return quantize_dynamic_file(src, dst, config)
+
+
+@quantizes("ort-int8-static")
+def _int8_static(src: Path, dst: Path, config, name: str, names: list[str], calib) -> dict:
+    from compress.calibration import calibration_reader
+    from compress.quant_ort import quantize_static_file
+
+    if not calib.feeds.get(name):
+        raise SdwbError(f"calibration recorded no inputs for {name}")
+    reader = calibration_reader(calib, name, names)
+    if config.fuse_attention and name == "unet":
+        return _quantize_fused(src, dst, config, reader)
+    return quantize_static_file(src, dst, config, reader)
+
+
+@quantizes("ort-fp16")
+def _fp16(src: Path, dst: Path, config, name: str, names: list[str], calib) -> dict:
+    from compress.quant_ort import fp16_file
+
+    return fp16_file(src, dst, config)
 
 
 def _quantize_component(
     src_dir: Path, dst_dir: Path, name: str, manifest: dict, config: QuantConfig, calib
 ) -> dict:
-    from compress.quant_ort import compare_graphs, fp16_file, quantize_dynamic_file, quantize_static_file
+    from compress.quant_ort import compare_graphs
 
     entry = manifest["components"][name]
     src, dst = src_dir / entry["file"], dst_dir / entry["file"]
     dst.parent.mkdir(parents=True, exist_ok=True)
     names = [s["name"] for s in entry["inputs"]]
-    if config.method == "ort-int8-dynamic":
-        info = quantize_dynamic_file(src, dst, config)
-    elif config.method == "ort-int8-static":
-        from compress.calibration import calibration_reader
-
-        if not calib.feeds.get(name):
-            raise SdwbError(f"calibration recorded no inputs for {name}")
-        reader = calibration_reader(calib, name, names)
-        if config.fuse_attention and name == "unet":
-            info = _quantize_fused(src, dst, config, reader)
-        else:
-            info = quantize_static_file(src, dst, config, reader)
-    else:
-        info = fp16_file(src, dst, config)
+    if config.method not in GRAPH_QUANTIZERS:
+        raise SdwbError(f"{config.method}: no ONNX Runtime graph quantizer is registered for it")
+    info = GRAPH_QUANTIZERS[config.method](src, dst, config, name, names, calib)
     feeds = (
         _spread(calib.feeds[name], COMPARE_SAMPLES)
         if calib and calib.feeds.get(name)

@@ -7,16 +7,16 @@ diffusers directory, a cached hub id). Steps:
 1. Load the source as fp32 on the CPU; refuse a quantized or already-pruned variant, an ONNX
    export, or a UNet that is not a diffusers ``UNet2DConditionModel``; check every layer / block
    name in the config against that UNet before any work.
-2. Count the unpruned UNet's MACs and parameters (:func:`compress.prune_arch.measure`).
+2. Count the unpruned UNet's MACs and parameters (:func:`sdwb.macs.unet_macs`).
 3. ``channels``: with Taylor importance, accumulate denoising-loss gradients over a few batches
    (:mod:`compress.denoise_data`); prune channel groups and attention heads
-   (:mod:`compress.prune_channels`). ``blocks``: replace the named blocks (:mod:`compress.prune_blocks`).
+   (:mod:`compress.prune_channels`). ``blocks``: replace the named blocks (:mod:`sdwb.variants.unet_blocks`).
 4. ``finetune.steps > 0``: recovery by distillation from the unpruned UNet (:mod:`compress.recovery`).
 5. The pruned UNet must give finite outputs; count its MACs and parameters again.
 6. With ``out``: under ``atomic_dir(out)`` the diffusers pipeline (VAE, text encoder, tokenizer and
    scheduler as in the parent, the pruned UNet's safetensors weights beside the parent's
    ``config.json``) and ``sdwb.json`` with ``stage: prune``, the resolved config, the
-   ``architecture`` that rebuilds the UNet without pickle (:mod:`compress.prune_arch`; what
+   ``architecture`` that rebuilds the UNet without pickle (:mod:`sdwb.variants.pruned`; what
    ``sdwb.loading.load_pipeline`` uses) and the metrics (MACs/params before and after, recovery
    losses). Nothing appears at ``out`` unless every step passed.
 
@@ -61,33 +61,23 @@ class Pruned:
 
 def _load_source(source) -> tuple[object, dict, str | None]:
     """(fp32 CPU pipeline, parent record, fingerprint of the source or None)."""
-    if not isinstance(source, (str, Path)):
-        return copy.deepcopy(source), {"spec": None, "class": type(source).__name__}, None
-    from compress.variants import read_record
-    from export.onnx import is_export_dir, source_fingerprint
-    from sdwb.loading import load_pipeline, resolve_spec
+    from compress.variant_io import load_source
+    from sdwb.variants.manifest import source_fingerprint
 
-    spec = str(source)
-    path = resolve_spec(spec, "pipeline")
-    record = read_record(path) if path is not None and path.is_dir() else None
-    stage = (record or {}).get("stage")
-    if stage in ("quantize", "prune"):
-        grand = (record.get("parent") or {}).get("spec")
-        raise SdwbError(f"{spec}: already {'quantized' if stage == 'quantize' else 'pruned'} "
-                        f"({record.get('method')}); prune its parent ({grand}) instead")
-    if path is not None and is_export_dir(path):
-        raise SdwbError(f"{spec}: an ONNX export; pruning needs the diffusers pipeline or builtin model "
-                        "it was exported from")
-    pipe = load_pipeline(spec, device="cpu", dtype=torch.float32)
-    parent = {"spec": spec, "path": str(Path(path).resolve()) if path else None, "variant": record}
-    return pipe, parent, source_fingerprint(spec)
+    src = load_source(source, refuse={
+        "quantize": "{spec}: already quantized ({method}); prune its parent ({parent}) instead",
+        "prune": "{spec}: already pruned ({method}); prune its parent ({parent}) instead",
+    }, export_error="{spec}: an ONNX export; pruning needs the diffusers pipeline or builtin model it was "
+                    "exported from")
+    spec = src.parent.get("spec")
+    return src.pipe, src.parent, source_fingerprint(spec) if spec else None
 
 
 def check_unet(pipe, name: str) -> None:
     """Refuse anything but an unpruned diffusers ``UNet2DConditionModel`` (one line)."""
     from diffusers import UNet2DConditionModel
 
-    from compress.prune_blocks import removed_blocks
+    from sdwb.variants.unet_blocks import removed_blocks
 
     unet = getattr(pipe, "unet", None)
     if not isinstance(unet, UNet2DConditionModel):
@@ -97,24 +87,71 @@ def check_unet(pipe, name: str) -> None:
         raise SdwbError(f"{name}: its UNet already has removed blocks; prune the unpruned model")
 
 
+@dataclass(frozen=True)
+class PruneMethod:
+    """One pruning method: ``check(unet, config)`` refuses bad names before any work,
+    ``apply(student, config, pipe, data, say) -> summary`` prunes in place, ``needs_data(config)``
+    says whether it reads training data itself (besides recovery)."""
+
+    check: Callable
+    apply: Callable
+    needs_data: Callable = lambda config: False
+
+
+def _check_channels(unet, config: PruneConfig) -> None:
+    from compress.prune_channels import resolve_ignored
+
+    resolve_ignored(unet, config.ignored_layers)
+
+
+def _apply_channels(student, config: PruneConfig, pipe, data, say) -> dict:
+    from compress.prune_channels import prune_channels
+    from sdwb.macs import unet_example_inputs
+
+    summary = {}
+    if config.importance == "taylor":
+        from compress.denoise_data import accumulate_gradients
+
+        say(f"Taylor importance: gradients over {config.taylor.batches} batches")
+        taylor = config.taylor
+        summary["taylor_loss"] = accumulate_gradients(student, data, taylor.batches, taylor.batch)
+    say(f"pruning channels and heads at ratio {config.ratio:g} ({config.importance})")
+    summary.update(prune_channels(student, config, unet_example_inputs(pipe)))
+    return summary
+
+
+def _check_blocks(unet, config: PruneConfig) -> None:
+    from sdwb.variants.unet_blocks import apply_removals, resolve
+
+    with torch.device("meta"):  # a weightless copy: checks removability without touching the model
+        from diffusers import UNet2DConditionModel
+
+        probe = UNet2DConditionModel.from_config(unet.config)
+    apply_removals(probe, resolve(probe, config.blocks))
+
+
+def _apply_blocks(student, config: PruneConfig, pipe, data, say) -> dict:
+    from sdwb.variants.unet_blocks import remove_blocks
+
+    say(f"removing blocks {', '.join(config.blocks)}")
+    return remove_blocks(student, config.blocks)
+
+
+# The registry of pruning methods: PruneConfig.method -> how it checks and prunes (tests/test_prune.py
+# holds it equal to the config's method names).
+METHODS: dict[str, PruneMethod] = {
+    "channels": PruneMethod(_check_channels, _apply_channels, lambda config: config.importance == "taylor"),
+    "blocks": PruneMethod(_check_blocks, _apply_blocks),
+}
+
+
 def _check_names(unet, config: PruneConfig) -> None:
     """Every ignored layer / block name must exist (and every block be removable) before any work."""
-    if config.method == "channels":
-        from compress.prune_channels import resolve_ignored
-
-        resolve_ignored(unet, config.ignored_layers)
-    else:
-        from compress.prune_blocks import apply_removals, resolve
-
-        with torch.device("meta"):  # a weightless copy: checks removability without touching the model
-            from diffusers import UNet2DConditionModel
-
-            probe = UNet2DConditionModel.from_config(unet.config)
-        apply_removals(probe, resolve(probe, config.blocks))
+    METHODS[config.method].check(unet, config)
 
 
 def _needs_data(config: PruneConfig) -> bool:
-    return config.finetune.steps > 0 or (config.method == "channels" and config.importance == "taylor")
+    return config.finetune.steps > 0 or METHODS[config.method].needs_data(config)
 
 
 def _prepare_work(work: Path, config: PruneConfig, fingerprint: str | None) -> None:
@@ -128,7 +165,7 @@ def _save_pruned(unet, summary: dict, directory: Path) -> None:
     """The pruned UNet before recovery (architecture + safetensors), written atomically."""
     from safetensors.torch import save_file
 
-    from compress.prune_arch import describe
+    from sdwb.variants.pruned import describe
 
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -143,7 +180,7 @@ def _save_pruned(unet, summary: dict, directory: Path) -> None:
 def _load_pruned(teacher, directory: Path):
     from safetensors.torch import load_file
 
-    from compress.prune_arch import build_unet
+    from sdwb.variants.pruned import build_unet
 
     architecture = json.loads((directory / "architecture.json").read_text())
     state = load_file(directory / "unet.safetensors")
@@ -153,25 +190,7 @@ def _load_pruned(teacher, directory: Path):
 
 def _apply(student, config: PruneConfig, pipe, data, say) -> dict:
     """Prune ``student`` in place by ``config.method``; returns the summary."""
-    from compress.prune_arch import example_inputs
-
-    if config.method == "blocks":
-        from compress.prune_blocks import remove_blocks
-
-        say(f"removing blocks {', '.join(config.blocks)}")
-        return remove_blocks(student, config.blocks)
-    from compress.prune_channels import prune_channels
-
-    summary = {}
-    if config.importance == "taylor":
-        from compress.denoise_data import accumulate_gradients
-
-        say(f"Taylor importance: gradients over {config.taylor.batches} batches")
-        taylor = config.taylor
-        summary["taylor_loss"] = accumulate_gradients(student, data, taylor.batches, taylor.batch)
-    say(f"pruning channels and heads at ratio {config.ratio:g} ({config.importance})")
-    summary.update(prune_channels(student, config, example_inputs(pipe)))
-    return summary
+    return METHODS[config.method].apply(student, config, pipe, data, say)
 
 
 def _check_finite(unet, inputs: dict, name: str) -> None:
@@ -199,7 +218,8 @@ def prune(
     say: Callable[[str], None] | None = None,
 ) -> Pruned:
     """Prune ``source`` per ``config``; save the variant to ``out`` when given (see module docstring)."""
-    from compress.prune_arch import MACS_COUNTER, example_inputs, measure
+    from compress.variant_io import write_float_variant
+    from sdwb.macs import MACS_COUNTER, unet_example_inputs, unet_macs
 
     say = say or (lambda _msg: None)
     out = Path(out) if out is not None else None
@@ -211,8 +231,8 @@ def prune(
     check_unet(pipe, name)
     teacher = pipe.unet
     _check_names(teacher, config)
-    inputs = example_inputs(pipe)
-    before = measure(teacher, inputs)
+    inputs = unet_example_inputs(pipe)
+    before = unet_macs(teacher, inputs)
     started = time.perf_counter()
 
     scratch, data = None, None
@@ -245,7 +265,7 @@ def prune(
             say(f"recovery: {config.finetune.steps} steps of distillation from the unpruned UNet")
             recovery = recover(student, teacher, data, config.finetune, work, progress=progress)
         _check_finite(student, inputs, name)
-        after = measure(student, inputs)
+        after = unet_macs(student, inputs)
         metrics = {
             "unet_gmacs": {"before": round(before["gmacs"], 6), "after": round(after["gmacs"], 6),
                            "reduction": _ratio(before["gmacs"], after["gmacs"])},
@@ -259,7 +279,7 @@ def prune(
         pipe.unet = student
         record = _record(config, parent, student, metrics)
         if out is not None:
-            _write_variant(pipe, out, record, overwrite, parent, say)
+            write_float_variant(pipe, out, record, overwrite, say)
         if work is not None and scratch is None and not keep_work:
             shutil.rmtree(work, ignore_errors=True)
     finally:
@@ -268,51 +288,14 @@ def prune(
     return Pruned(config, pipe, record, out, metrics)
 
 
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    from compress.variants import library_versions as base
-
-    out = base()
-    for dist in ("torch-pruning", "accelerate"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def _record(config: PruneConfig, parent: dict, unet, metrics: dict) -> dict:
-    from compress.prune_arch import describe
-    from compress.variants import FORMAT
+    from sdwb.variants.pruned import describe
+    from sdwb.variants.record import new_record
 
-    return {
-        "format": FORMAT,
-        "version": 1,
-        "stage": "prune",
-        "method": config.method,
-        "backend": "torch",
-        "weights": "float UNet of pruned shapes (rebuilt from 'architecture'); VAE and text encoder "
-                   "are the parent's",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "parent": parent,
-        "config": resolved(config),
-        "architecture": describe(unet),
-        "metrics": metrics,
-        "libraries": library_versions(),
-    }
-
-
-def _write_variant(pipe, out: Path, record: dict, overwrite: bool, parent: dict, say) -> None:
-    from compress.quantize import _dir_mb, save_float
-    from compress.variants import hash_tree
-    from sdwb.runs import atomic_dir, atomic_write_json
-
-    say(f"writing {out}")
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_float(pipe, tmp)
-        record["metrics"]["size_mb"] = _dir_mb(tmp)
-        if parent.get("path"):
-            record["metrics"]["parent_size_mb"] = _dir_mb(Path(parent["path"]))
-        record["files"] = hash_tree(tmp)
-        atomic_write_json(tmp / "sdwb.json", record)
+    return new_record(
+        stage="prune", method=config.method, backend="torch",
+        weights="float UNet of pruned shapes (rebuilt from 'architecture'); VAE and text encoder are the "
+                "parent's",
+        parent=parent, config=resolved(config), architecture=describe(unet), metrics=metrics,
+        extra_libraries=("torch-pruning", "accelerate"),
+    )

@@ -162,7 +162,7 @@ def prune_channels(unet, config, example_inputs: dict) -> dict:
     """
     import torch_pruning as tp
 
-    from compress.prune_arch import sync_attributes
+    from sdwb.variants.pruned import sync_attributes
 
     ignored_roots = resolve_ignored(unet, config.ignored_layers)
     ignored_ids = {id(m) for root in ignored_roots for m in root.modules()}

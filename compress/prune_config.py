@@ -7,7 +7,7 @@ the variant's ``sdwb.json`` records. Two methods:
 
 - ``channels``: structured channel pruning through torch-pruning's dependency graph, plus whole
   attention heads (:mod:`compress.prune_channels`); ``ratio`` is the fraction removed per group.
-- ``blocks``: BK-SDM-style removal of named residual / attention blocks (:mod:`compress.prune_blocks`).
+- ``blocks``: BK-SDM-style removal of named residual / attention blocks (:mod:`sdwb.variants.unet_blocks`).
 
 Either may be followed by recovery fine-tuning (``finetune.steps > 0``, :mod:`compress.recovery`):
 the pruned student learns from the unpruned teacher.
@@ -111,14 +111,14 @@ class PruneConfig(_Strict):
 
 def parse_prune_config(data: dict, source: str = "prune config") -> PruneConfig:
     """Validate ``data`` as a :class:`PruneConfig`; every problem is one ``SdwbError`` line."""
-    from compress.quant_config import _format
+    from sdwb.schema_errors import fields_of, format_errors
 
     if not isinstance(data, dict):
         raise SdwbError(f"{source}: expected a mapping of prune keys, got {type(data).__name__}")
     try:
         return PruneConfig.model_validate(data)
     except ValidationError as e:
-        raise SdwbError(f"{source}: " + _format(e, PruneConfig)) from None
+        raise SdwbError(f"{source}: " + format_errors(e, allowed=fields_of(PruneConfig))) from None
 
 
 def load_prune_config(
@@ -126,23 +126,9 @@ def load_prune_config(
 ) -> PruneConfig:
     """Read ``configs/prune/*.yaml`` (or start empty), apply ``--set`` overrides, then ``flags``
     (command-line options, dotted keys for sections; None values ignored), and validate."""
-    from sdwb.yaml_io import apply_overrides
-    from sdwb.yaml_io import read_yaml as _read_yaml
+    from sdwb.yaml_io import read_with_flags
 
-    data = _read_yaml(Path(path)) if path is not None else {}
-    source = str(path) if path is not None else "command line"
-    data = apply_overrides(data, overrides)
-    for key, value in flags.items():
-        if value is None:
-            continue
-        section, _, leaf = key.partition(".")
-        if leaf:
-            node = data.setdefault(section, {})
-            if not isinstance(node, dict):
-                raise SdwbError(f"{source}: {section}: expected a mapping")
-            node[leaf] = value
-        else:
-            data[key] = value
+    data, source = read_with_flags(path, overrides, flags)
     return parse_prune_config(data, source)
 
 

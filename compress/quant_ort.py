@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.quant_config import QuantConfig
 from sdwb.errors import SdwbError
+from sdwb.quant.config import QuantConfig
 
 TWO_GB = 2**31 - 1
 

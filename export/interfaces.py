@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sdwb.variants.manifest import Dim, resolve_dim
+
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
-Dim = int | str  # an int is fixed; "axis" names a dynamic axis; "axis*k" is derived from one
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,6 @@ class TensorSpec:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-
-def resolve_dim(dim: Dim, point: dict[str, int]) -> int:
-    """``4`` -> 4, ``"batch"`` -> point["batch"], ``"height*8"`` -> 8 * point["height"]."""
-    if isinstance(dim, int):
-        return dim
-    axis, _, factor = dim.partition("*")
-    return point[axis] * (int(factor) if factor else 1)
 
 
 @dataclass(frozen=True)

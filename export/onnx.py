@@ -27,7 +27,6 @@ when ``|ort - torch| <= atol + rtol * |torch|`` everywhere; ``max_rel`` in the m
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import shutil
 import time
@@ -40,94 +39,13 @@ import torch
 from export.interfaces import COMPONENTS, DEFAULT_COMPONENTS, build_interfaces, pipeline_facts, wrapper
 from sdwb.errors import SdwbError
 from sdwb.runs import atomic_dir, atomic_write_json
+from sdwb.variants.files import hash_files, library_versions
+from sdwb.variants.manifest import EXPORT_FORMAT, MANIFEST, source_fingerprint
+from sdwb.variants.record import RECORD, read_record
 
-MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 TWO_GB = 2**31 - 1  # protobuf's limit on one serialized message
-FORMAT = "sdwb-onnx-export"
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries an export depends on (recorded in manifests)."""
-    import importlib.metadata as md
-
-    import sdwb
-
-    out = {"sdwb": sdwb.__version__}
-    for dist in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu",
-                 "onnxscript", "numpy", "tensorrt"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-# --------------------------------------------------------------------------- hashes, manifests
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def hash_files(root: Path, skip: Sequence[str] = (MANIFEST,)) -> dict[str, dict]:
-    """``{relative posix path: {"sha256", "size"}}`` for every file under ``root``."""
-    return {
-        p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.relative_to(root).as_posix() not in skip
-    }
-
-
-def is_export_dir(path: str | Path) -> bool:
-    """An ONNX export or ONNX Runtime variant: a manifest and no diffusers ``model_index.json``."""
-    path = Path(path)
-    return path.is_dir() and (path / MANIFEST).is_file() and not (path / "model_index.json").exists()
-
-
-def read_manifest(directory: str | Path, expected_format: str = FORMAT) -> dict:
-    """The parsed ``manifest.json`` of an export directory (no hashing)."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not directory.is_dir():
-        raise SdwbError(f"export directory not found: {directory}")
-    if not path.is_file():
-        raise SdwbError(f"not a finished export: no {MANIFEST} in {directory} (run `sdwb export` first)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SdwbError(f"corrupt {path}: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != expected_format:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise SdwbError(f"{path}: format {found!r}, expected {expected_format!r}")
-    return manifest
-
-
-def verify_manifest(directory: str | Path, expected_format: str = FORMAT) -> dict:
-    """Re-hash every file the manifest lists; a missing, truncated or modified one is refused.
-
-    Returns the manifest. Sizes are compared before hashes, so truncation is named as such.
-    """
-    directory = Path(directory)
-    manifest = read_manifest(directory, expected_format)
-    for rel, meta in manifest.get("files", {}).items():
-        path = directory / rel
-        if not path.is_file():
-            raise SdwbError(f"{path}: missing (listed in {directory / MANIFEST})")
-        size = path.stat().st_size
-        if size != meta["size"]:
-            raise SdwbError(
-                f"{path}: {size} bytes, manifest says {meta['size']} (truncated or modified after export)"
-            )
-        if sha256_file(path) != meta["sha256"]:
-            raise SdwbError(f"{path}: sha256 differs from the manifest (modified after export)")
-    return manifest
 
 
 # --------------------------------------------------------------------------- export of one graph
@@ -353,26 +271,6 @@ def _save_scheduler(scheduler, directory: Path) -> None:
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def source_fingerprint(spec: str) -> str:
-    """What the export of ``spec`` depends on, as one string (recorded as ``source.fingerprint``).
-
-    A model built in code (``builtin:sd15-arch``: seeded weights) is its name plus the sdwb
-    version; a directory is the sha256 over every file's relative path and sha256 (configs,
-    tokenizer and weights). The benchmark reuses a cached export only while this still matches.
-    """
-    import sdwb
-    from sdwb.loading import resolve_spec
-    from sdwb.zoo import BUILTIN_PREFIX, get_builtin
-
-    if spec.startswith(BUILTIN_PREFIX) and get_builtin(spec).asset is None:
-        return f"code:{get_builtin(spec).name}:sdwb-{sdwb.__version__}"
-    root = Path(resolve_spec(spec, "pipeline"))
-    h = hashlib.sha256()
-    for rel, meta in hash_files(root, skip=()).items():
-        h.update(f"{rel}\0{meta['sha256']}\n".encode())
-    return "sha256:" + h.hexdigest()
-
-
 def _source(spec_or_pipe) -> tuple[object, dict, Path | None]:
     """(pipeline, source record, directory holding its sdwb.json or None)."""
     if not isinstance(spec_or_pipe, (str, Path)):
@@ -386,13 +284,10 @@ def _source(spec_or_pipe) -> tuple[object, dict, Path | None]:
     pipe = load_pipeline(spec, device="cpu", dtype=torch.float32)
     record = {"spec": spec, "path": str(Path(path).resolve()) if path else None,
               "fingerprint": source_fingerprint(spec)}
-    sdwb_json = Path(path) / "sdwb.json" if path else None
-    if sdwb_json and sdwb_json.is_file():
-        try:
-            record["variant"] = json.loads(sdwb_json.read_text())
-        except (OSError, ValueError) as exc:
-            raise SdwbError(f"corrupt {sdwb_json}: {exc}") from None
-        return pipe, record, sdwb_json
+    variant = read_record(path) if path else None
+    if variant is not None:
+        record["variant"] = variant
+        return pipe, record, Path(path) / RECORD
     return pipe, record, None
 
 
@@ -487,7 +382,7 @@ def export_onnx(
             shutil.copyfile(sdwb_json, tmp / "sdwb.json")
         say("hashing files")
         manifest = {
-            "format": FORMAT,
+            "format": EXPORT_FORMAT,
             "version": 1,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "opset": opset,
@@ -499,7 +394,7 @@ def export_onnx(
                          "scheduler_class": type(scheduler).__name__},
             "libraries": library_versions(),
             "components": entries,
-            "files": hash_files(tmp),
+            "files": hash_files(tmp, skip=(MANIFEST,)),
         }
         atomic_write_json(tmp / MANIFEST, manifest)
     return manifest

@@ -1,5 +1,5 @@
 """``python -m sdwb``: the same as the ``sdwb`` command."""
 
-from sdwb.cli import main
+from sdwb.app.cli import main
 
 main()

@@ -1,4 +1,8 @@
-"""Generate images from a diffusers pipeline: scheduler by name, per-prompt seeds, NaN guard.
+"""Generate images on any backend: scheduler by name, per-prompt seeds, NaN guard.
+
+Every backend's pipeline answers diffusers' ``StableDiffusionPipeline.__call__`` (a diffusers
+pipeline for torch; :class:`sdwb.backends.onnxruntime.ExportedPipeline` for ONNX Runtime and
+TensorRT), so :func:`generate` is the one loop driver and never asks which kind it holds.
 
 Why per-prompt seeds: image ``i`` always starts from the noise of ``torch.Generator`` seeded
 with ``seed + i`` (drawn on the CPU), so an image depends on its prompt, seed and model only,
@@ -66,6 +70,12 @@ def image_grid(images: list, columns: int):
     return grid
 
 
+def _describe(pipe) -> str:
+    """``dtype torch.float32`` for a diffusers pipeline; the backend of an exported one."""
+    describe = getattr(pipe, "describe", None)
+    return describe() if callable(describe) else f"dtype {pipe.unet.dtype}"
+
+
 def generate(
     pipe,
     prompts: list[str],
@@ -83,7 +93,7 @@ def generate(
 
     The pipeline's scheduler is swapped for ``scheduler`` for this call only. ``steps``,
     ``guidance`` and ``scheduler`` left at None take the model's own defaults (a distilled
-    variant's ``sdwb.json``, see :mod:`sdwb.inference`), else 30 / 7.5 / ddim. Raises
+    variant's ``sdwb.json``, see :mod:`sdwb.inference`), else the global defaults. Raises
     :class:`SdwbError` on bad arguments or when an output holds NaN/inf.
     """
     from PIL import Image
@@ -124,7 +134,7 @@ def generate(
                     first = start + int(np.argmax(~np.isfinite(out).reshape(len(chunk), -1).all(axis=1)))
                     raise SdwbError(
                         f"generation produced NaN/inf for prompt {first} ('{prompts[first]}') with "
-                        f"scheduler {scheduler}, {steps} steps, dtype {pipe.unet.dtype}"
+                        f"scheduler {scheduler}, {steps} steps, {_describe(pipe)}"
                     )
                 images += [Image.fromarray((img * 255).round().clip(0, 255).astype(np.uint8)) for img in out]
     finally:

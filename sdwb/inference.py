@@ -13,24 +13,22 @@ defaults (:data:`FALLBACK`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 KEYS = ("steps", "guidance", "scheduler")
-FALLBACK = {"steps": 30, "guidance": 7.5, "scheduler": "ddim"}
+DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER = 30, 7.5, "ddim"  # the one place of each default
+FALLBACK = {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "scheduler": DEFAULT_SCHEDULER}
 ATTRIBUTE = "sdwb_inference"  # set on a pipeline by sdwb.loading.load_pipeline
 
 
 def from_record(record: dict | None) -> dict:
     """``{steps, guidance, scheduler}`` (the keys present) of a variant record or its ancestors."""
-    depth = 0
-    while isinstance(record, dict) and depth < 32:
-        found = record.get("inference")
+    from sdwb.variants.record import ancestry
+
+    for entry in ancestry(record):
+        found = entry.get("inference")
         if isinstance(found, dict):
             return {k: found[k] for k in KEYS if found.get(k) is not None}
-        parent = record.get("parent")
-        record = parent.get("variant") if isinstance(parent, dict) else None
-        depth += 1
     return {}
 
 
@@ -54,14 +52,16 @@ def for_spec(spec: str | None) -> dict:
     """
     if not spec:
         return {}
+    from sdwb.errors import SdwbError
+    from sdwb.variants.record import read_record
+
     directory = _model_dir(str(spec))
-    if directory is None or not (directory / "sdwb.json").is_file():
+    if directory is None:
         return {}
     try:
-        record = json.loads((directory / "sdwb.json").read_text())
-    except (OSError, ValueError):
+        return from_record(read_record(directory))
+    except SdwbError:  # a corrupt record: loading reports it
         return {}
-    return from_record(record)
 
 
 def attach(pipe, defaults: dict) -> None:

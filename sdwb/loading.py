@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from sdwb.errors import SdwbError
+from sdwb.variants.pruned import pruned_components
+from sdwb.variants.record import is_quantized, read_record
 from sdwb.zoo import BUILTIN_PREFIX, get_builtin, missing_message
 
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -149,7 +151,7 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.flo
     path = resolve_spec(spec, "pipeline")
     _check_pipeline_layout(path)
     _check_weights(path)
-    components = _pruned_components(path)  # a pruned variant's UNet, rebuilt from its sdwb.json
+    components = pruned_components(path)  # a pruned variant's UNet, rebuilt from its sdwb.json
     from diffusers import StableDiffusionPipeline
 
     try:
@@ -176,36 +178,15 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.flo
     return pipe
 
 
-def _pruned_components(path: Path) -> dict:
-    """``{"unet": ...}`` for a pruned variant (or one made from it): its files checked against the
-    record, the UNet rebuilt from the recorded architecture (diffusers' config alone cannot express
-    pruned widths); ``{}`` for anything else."""
-    if not (path / "sdwb.json").is_file():
-        return {}
-    from compress.prune_arch import find_architecture, load_unet
-    from compress.variants import read_record, verify_files
-
-    record = read_record(path)
-    architecture = find_architecture(record)
-    if architecture is None:
-        return {}
-    verify_files(path, record)
-    return {"unet": load_unet(path / "unet", architecture)}
-
-
 def _quantized_record(path: Path) -> dict | None:
     """The ``sdwb.json`` of a quantized variant directory, else None (plain pipelines, pruned ...)."""
-    if not (path / "sdwb.json").is_file():
-        return None
-    from compress.variants import is_quantized, read_record
-
     record = read_record(path)
     return record if is_quantized(record) else None
 
 
 def _requantize(pipe, path: Path, record: dict, device: str, dtype: torch.dtype):
     """Re-apply the recorded quantization (the method decides the precision, so dtype must be fp32)."""
-    from compress.variants import reapply
+    from sdwb.variants.requantize import reapply
 
     if dtype != torch.float32:
         name = str(dtype).removeprefix("torch.")

@@ -6,7 +6,7 @@ moved into place with ``os.replace`` (atomic on POSIX); whole directories are bu
 ``<final>.tmp-XXXX`` and renamed into place only when everything in them succeeded.
 
 Runs live under ``runs/<name>-<hash8>/`` where the hash is the short hash of the resolved recipe
-(``sdwb.config.config_hash``), so the same recipe always maps to the same directory.
+(``sdwb.app.recipe_schema.config_hash``), so the same recipe always maps to the same directory.
 """
 
 from __future__ import annotations

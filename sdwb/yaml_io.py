@@ -1,6 +1,6 @@
 """The YAML side of every config file: safe loading, ``--set`` overrides and shared literals.
 
-Why its own module: the recipe schema (:mod:`sdwb.config`) embeds the per-technique configs
+Why its own module: the recipe schema (:mod:`sdwb.app.recipe_schema`) embeds the per-technique configs
 (``compress.*_config``, ``bench.scenario``), and those need the same YAML reader, the same
 ``KEY=VALUE`` overrides and the same scheduler / backend / dtype names. Keeping these here, with
 no imports from the schemas, lets every schema import them without an import cycle.
@@ -18,7 +18,6 @@ import yaml
 from sdwb.errors import SdwbError
 
 Scheduler = Literal["ddim", "euler", "dpmpp", "lcm"]
-Backend = Literal["torch", "onnxruntime", "tensorrt"]
 DType = Literal["fp32", "bf16", "fp16"]
 
 
@@ -115,3 +114,28 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
 def _kind(value: Any) -> str:
     return {dict: "mapping", list: "list", str: "string", bool: "boolean", int: "integer",
             float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def read_with_flags(path: str | Path | None, overrides: list[str] | None, flags: dict[str, Any],
+                    guard: dict[str, str] | None = None) -> tuple[dict, str]:
+    """``(data, source)`` of a typed config's loader: the YAML file (or nothing), ``--set``
+    overrides, then command-line ``flags`` (None values ignored; ``section.key`` sets a key of a
+    section). ``guard`` names flags that may not contradict the file (``{"method": "--method"}``)."""
+    guard = guard or {}
+    data = read_yaml(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "command line"
+    data = apply_overrides(data, overrides)
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key in guard and data.get(key) not in (None, value):
+            raise SdwbError(f"{guard[key]} {value}: {source} says {key} {data[key]!r}; give one of them")
+        section, _, leaf = key.partition(".")
+        if leaf:
+            node = data.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise SdwbError(f"{source}: {section}: expected a mapping")
+            node[leaf] = value
+        else:
+            data[key] = value
+    return data, source

@@ -71,7 +71,7 @@ def _psnr(a, b) -> float:
 
 def sdwb(capsys, *args: str) -> tuple[int, str, str]:
     """Run ``sdwb ARGS`` in this process: (exit code, stdout, stderr)."""
-    from sdwb import cli
+    from sdwb.app import cli
 
     with pytest.raises(SystemExit) as info:
         cli.main([str(a) for a in args])
@@ -132,7 +132,7 @@ def test_generate_bad_backend_model_combinations_are_one_line(args, needles, tin
 
 
 def test_generate_with_backend_refuses_a_torch_directory(tiny_pipeline_dir):
-    from export.cli import generate_with_backend
+    from sdwb.app.export_cli import generate_with_backend
 
     with pytest.raises(SdwbError, match="run `sdwb export onnx --model") as info:
         generate_with_backend("onnxruntime", tiny_pipeline_dir, PROMPTS[:1], steps=1, progress=False)
@@ -172,7 +172,7 @@ def test_sdwb_bench_torch_and_onnxruntime_rows(tiny_pipeline_dir, judge_dir, tmp
     assert ort["peak_rss_mb"] > 0 and ort["unet_gmacs"] > 0 and pd.isna(ort["cuda_peak_mb"])
     assert ort["size_mb"] > 0 and 0 < ort["unet_params_m"] < ort["params_m"]
     assert df.loc["fp32", "unet_params_m"] == pytest.approx(ort["unet_params_m"], rel=0.02)
-    from export.onnx import verify_manifest
+    from sdwb.variants.manifest import verify_manifest
 
     manifest = verify_manifest(out / "exports" / "ort")
     assert manifest["source"]["fingerprint"].startswith("sha256:")
@@ -181,7 +181,7 @@ def test_sdwb_bench_torch_and_onnxruntime_rows(tiny_pipeline_dir, judge_dir, tmp
 
 
 def test_bench_exports_once_and_reuses_the_export(tiny_pipeline_dir, tmp_path):
-    from export.backends import cached_export_reason, ensure_export
+    from sdwb.backends.registry import cached_export_reason, ensure_export
 
     model = tmp_path / "model"
     shutil.copytree(tiny_pipeline_dir, model)
@@ -242,9 +242,9 @@ def test_bench_bad_backend_model_combinations_fail_before_writing(variant, needl
 
 def test_onnx_params_and_size_count_the_graphs(tiny_pipeline_dir, onnx_dir):
     from bench.memory import param_counts
-    from export.backends import exported_size_mb, onnx_param_counts
-    from export.onnx import read_manifest
+    from sdwb.backends.registry import exported_size_mb, onnx_param_counts
     from sdwb.loading import load_pipeline
+    from sdwb.variants.manifest import read_manifest
 
     manifest = read_manifest(onnx_dir)
     counts = onnx_param_counts(onnx_dir, manifest)

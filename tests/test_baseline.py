@@ -144,7 +144,7 @@ def test_truncated_unet_weights_are_refused_with_a_one_line_error(tmp_path):
 def test_baseline_train_fast_runs_end_to_end_and_writes_a_loadable_pipeline(tmp_path):
     from typer.testing import CliRunner
 
-    from sdwb.cli import app
+    from sdwb.app.cli import app
     from sdwb.loading import load_pipeline
 
     out = tmp_path / "train"
@@ -197,7 +197,7 @@ def test_bad_training_config_is_a_one_line_error(tmp_path):
 
 
 def test_baseline_eval_unknown_scheduler_is_a_one_line_error(capsys):
-    from sdwb import cli
+    from sdwb.app import cli
 
     with pytest.raises(SystemExit) as info:
         cli.main(["baseline", "eval", "--scheduler", "ddpm-ish", "--prompts", "2"])

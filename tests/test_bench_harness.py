@@ -189,7 +189,7 @@ def test_component_timer_on_a_fake_clock_and_summary_statistics():
 
 
 def test_hook_timer_reads_an_exported_pipelines_hooks():
-    class Exported:  # the shape of export.ort.ExportedPipeline that the timer relies on
+    class Exported:  # the shape of sdwb.backends.onnxruntime.ExportedPipeline that the timer relies on
         def __init__(self):
             self.hooks, self.last_batch = [], {}
 
@@ -286,9 +286,11 @@ def test_gmacs_grow_with_the_unet_and_sizes_are_counted(tiny_pipe, tiny_pipeline
     small = tiny_pipe.unet
     config = {**small.config, "block_out_channels": (32, 64)}
     big = UNet2DConditionModel.from_config(config).eval()
-    inputs = memory.unet_example_inputs(tiny_pipe)
+    from sdwb.macs import unet_example_inputs, unet_macs
+
+    inputs = unet_example_inputs(tiny_pipe)
     assert inputs["sample"].shape == (1, 4, 16, 16) and inputs["encoder_hidden_states"].shape == (1, 32, 32)
-    assert memory.unet_gmacs(big, inputs) > 2 * memory.unet_gmacs(small, inputs) > 0
+    assert unet_macs(big, inputs)["gmacs"] > 2 * unet_macs(small, inputs)["gmacs"] > 0
     counts = memory.param_counts(tiny_pipe)
     assert 0 < counts["unet_params_m"] < counts["params_m"] < 1
     size = memory.size_on_disk_mb(str(tiny_pipeline_dir))
@@ -396,7 +398,7 @@ def test_sdwb_bench_end_to_end(tmp_path, tiny_pipeline_dir, judge_dir, monkeypat
     from typer.testing import CliRunner
 
     import sdwb.loading
-    from bench.cli import bench_command
+    from sdwb.app.bench_cli import bench_command
     from sdwb.loading import load_pipeline
 
     def fake_load(spec, **kwargs):  # builtin:sd15-arch is stood in for by the tiny pipeline (quality n/a)

@@ -249,7 +249,7 @@ def test_report_command(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from bench.report_cli import report_command
+    from sdwb.app.report_cli import report_command
 
     app = typer.Typer()
     app.command()(report_command)

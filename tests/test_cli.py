@@ -128,7 +128,8 @@ def test_generate_bad_options_fail_before_loading(tmp_path):
 
 
 def test_internal_errors_are_one_line_unless_debug(monkeypatch, capsys):
-    from sdwb import cli, zoo
+    from sdwb import zoo
+    from sdwb.app import cli
 
     def boom():
         raise RuntimeError("boom\nsecond line")
@@ -146,7 +147,7 @@ def test_internal_errors_are_one_line_unless_debug(monkeypatch, capsys):
 
 def test_generate_end_to_end_on_a_tiny_pipeline(tmp_path, monkeypatch, capsys):
     """A diffusers-layout directory written here goes through the real loader and generator."""
-    from sdwb import cli
+    from sdwb.app import cli
     from sdwb.testing import build_tiny_pipeline
 
     model_dir = tmp_path / "tiny"

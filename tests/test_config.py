@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sdwb.config import (
+from sdwb.app.recipe_schema import (
     Recipe,
     apply_overrides,
     config_hash,

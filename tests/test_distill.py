@@ -203,7 +203,7 @@ def test_guidance_distilled_student_makes_one_unet_call_of_batch_b_per_step(stud
 
 def test_generate_cli_and_bench_use_the_students_defaults(student_dir, tmp_path, capsys):
     from bench.scenario import quick_config
-    from sdwb import cli
+    from sdwb.app import cli
 
     out = tmp_path / "img.png"
     with pytest.raises(SystemExit) as info:
@@ -265,7 +265,7 @@ def test_shipped_distill_configs_are_valid():
 
 def test_onnx_export_of_a_student_keeps_its_defaults(student_dir, tmp_path, capsys):
     from export.onnx import export_onnx
-    from sdwb import cli
+    from sdwb.app import cli
     from sdwb.inference import for_spec
 
     onnx_dir = tmp_path / "onnx"
@@ -301,7 +301,7 @@ def test_onnx_export_of_a_student_keeps_its_defaults(student_dir, tmp_path, caps
     ],
 )
 def test_cli_bad_input_is_one_line_error(tmp_path, capsys, args, expected):
-    from sdwb import cli
+    from sdwb.app import cli
 
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as info:
@@ -415,13 +415,14 @@ def test_lcm_student_samples_with_lcm_scheduler_one_call_per_step(tiny_pipeline_
     import numpy as np
 
     from export.onnx import export_onnx
-    from export.ort import OrtStableDiffusionPipeline, generate_ort
+    from sdwb.backends.onnxruntime import OrtStableDiffusionPipeline
+    from sdwb.generate import generate
 
     onnx_dir = tmp_path / "onnx"
     export_onnx(str(out), onnx_dir, components=["text_encoder", "unet", "vae_decoder"])
     assert for_spec(str(onnx_dir)) == {"steps": 4, "scheduler": "lcm", "guidance": 1.0}
     ort = OrtStableDiffusionPipeline.from_export(onnx_dir)
-    ort_images = generate_ort(ort, PROMPTS, steps=4, guidance=1.0, scheduler="lcm", progress=False)
+    ort_images = generate(ort, PROMPTS, steps=4, guidance=1.0, scheduler="lcm", progress=False)
     for a, b in zip(first, ort_images):
         diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
         assert diff.max() <= 2, diff.max()

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from export.interfaces import build_interfaces, wrapper
-from export.onnx import export_onnx, verify_manifest
+from export.onnx import export_onnx
 from sdwb.errors import SdwbError
 from sdwb.testing import build_tiny_pipeline
+from sdwb.variants.manifest import verify_manifest
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 PROMPTS = ["a small red circle at the top on a gray background", "a large blue square on a white background"]
@@ -102,7 +103,7 @@ def test_onnx_matches_torch_dynamic_batch_and_resolution(pipe, exported):
 
 
 def test_ort_pipeline_images_match_torch(pipe, exported):
-    from export.ort import OrtStableDiffusionPipeline, generate_ort
+    from sdwb.backends.onnxruntime import OrtStableDiffusionPipeline
     from sdwb.generate import generate
 
     ort_pipe = OrtStableDiffusionPipeline.from_export(exported[0], threads=1)
@@ -110,7 +111,7 @@ def test_ort_pipeline_images_match_torch(pipe, exported):
     for scheduler in ("ddim", "euler"):
         ref = generate(pipe, PROMPTS, steps=4, seed=5, scheduler=scheduler, batch=2, progress=False)
         with ort_pipe.record_timings() as log:
-            got = generate_ort(ort_pipe, PROMPTS, steps=4, seed=5, scheduler=scheduler, batch=2,
+            got = generate(ort_pipe, PROMPTS, steps=4, seed=5, scheduler=scheduler, batch=2,
                                progress=False)
         assert [im.size for im in got] == [im.size for im in ref] == [(32, 32)] * 2
         for a, b in zip(ref, got):
@@ -119,13 +120,13 @@ def test_ort_pipeline_images_match_torch(pipe, exported):
         assert all(s > 0 for v in log.values() for s in v)
         assert ort_pipe.last_batch == {"text_encoder": 4, "unet": 4, "vae_decoder": 2}  # CFG doubles
     # image i depends on seed + i only, not on the batch it was generated in
-    single = generate_ort(ort_pipe, PROMPTS[1:], steps=4, seed=6, scheduler="ddim", batch=1, progress=False)
-    pair = generate_ort(ort_pipe, PROMPTS, steps=4, seed=5, scheduler="ddim", batch=2, progress=False)
+    single = generate(ort_pipe, PROMPTS[1:], steps=4, seed=6, scheduler="ddim", batch=1, progress=False)
+    pair = generate(ort_pipe, PROMPTS, steps=4, seed=5, scheduler="ddim", batch=2, progress=False)
     assert _psnr(single[0], pair[1]) >= 40.0
 
 
 def test_tampered_or_truncated_model_is_refused(exported, tmp_path):
-    from export.ort import OrtStableDiffusionPipeline
+    from sdwb.backends.onnxruntime import OrtStableDiffusionPipeline
 
     src, _ = exported
     modified, truncated = tmp_path / "modified", tmp_path / "truncated"
@@ -193,7 +194,8 @@ def test_external_data_slim_and_vae_encoder(pipe, tmp_path):
 
 
 def test_profiles_hold_the_guidance_batch(pipe, exported):
-    from export.tensorrt import profile_covers, trt_profiles
+    from export.tensorrt import trt_profiles
+    from sdwb.backends.tensorrt import profile_covers
 
     interfaces = build_interfaces(pipe, max_batch=8)
     unet = interfaces["unet"]
@@ -232,7 +234,8 @@ def _trt_usable() -> bool:
 
 
 def test_tensorrt_names_and_missing_gpu(exported, tmp_path):
-    from export.tensorrt import build_engines, engine_filename
+    from export.tensorrt import build_engines
+    from sdwb.backends.tensorrt import engine_filename
 
     name = engine_filename("10.13.0.35", "NVIDIA H100 80GB HBM3")
     assert name == "engine_10.13.0.35_NVIDIA-H100-80GB-HBM3.plan"
@@ -253,7 +256,7 @@ def test_tensorrt_names_and_missing_gpu(exported, tmp_path):
 def test_cli_export_and_generate_with_backend(tiny_pipeline_dir, tmp_path):
     from typer.testing import CliRunner
 
-    from export.cli import export_app, generate_with_backend
+    from sdwb.app.export_cli import export_app, generate_with_backend
 
     model = tmp_path / "variant"
     shutil.copytree(tiny_pipeline_dir, model)
@@ -263,7 +266,7 @@ def test_cli_export_and_generate_with_backend(tiny_pipeline_dir, tmp_path):
     assert result.exit_code == 0, result.output
     manifest = verify_manifest(out)
     assert manifest["source"]["variant"] == {"stage": "baseline", "parent": None}
-    from export.onnx import source_fingerprint
+    from sdwb.variants.manifest import source_fingerprint
 
     assert manifest["source"]["fingerprint"] == source_fingerprint(str(model))
     assert (out / "sdwb.json").is_file() and "sdwb.json" in manifest["files"]
@@ -286,8 +289,10 @@ def test_cli_export_and_generate_with_backend(tiny_pipeline_dir, tmp_path):
 @pytest.mark.gpu
 def test_tensorrt_engines_generate_like_onnxruntime(exported, tmp_path):
     pytest.importorskip("tensorrt")
-    from export.ort import OrtStableDiffusionPipeline, generate_ort
-    from export.tensorrt import TrtRunner, build_engines
+    from export.tensorrt import build_engines
+    from sdwb.backends.onnxruntime import OrtStableDiffusionPipeline
+    from sdwb.backends.tensorrt import TrtRunner
+    from sdwb.generate import generate
 
     manifest = build_engines(exported[0], tmp_path / "engines", strict_fp32=True,
                              timing_cache=tmp_path / "timing.cache")
@@ -299,8 +304,8 @@ def test_tensorrt_engines_generate_like_onnxruntime(exported, tmp_path):
     ort_pipe = OrtStableDiffusionPipeline.from_export(exported[0], providers=["cpu"])
     kw = dict(steps=4, seed=5, scheduler="ddim", batch=2, progress=False)
     with runner.record_timings() as log:
-        got = generate_ort(runner, PROMPTS, **kw)
-    ref = generate_ort(ort_pipe, PROMPTS, **kw)
+        got = generate(runner, PROMPTS, **kw)
+    ref = generate(ort_pipe, PROMPTS, **kw)
     assert len(log["unet"]) == 4
     for a, b in zip(ref, got):
         assert _psnr(a, b) >= 30.0

@@ -95,8 +95,8 @@ def test_config_errors_are_one_line_and_committed_configs_validate():
 def test_channel_pruning_lowers_macs_keeps_multiples_of_8_and_runs(pruned30):
     from diffusers.models.attention_processor import Attention
 
-    from bench.memory import unet_example_inputs, unet_gmacs
     from compress.prune_channels import kept_width
+    from sdwb.macs import unet_example_inputs, unet_macs
     from sdwb.testing import build_tiny_pipeline
 
     assert (kept_width(32, 0.3, 8, 8), kept_width(128, 0.3, 8, 8), kept_width(20, 0.3, 1, 8)) == (24, 88, 14)
@@ -104,8 +104,8 @@ def test_channel_pruning_lowers_macs_keeps_multiples_of_8_and_runs(pruned30):
     macs, params = pruned30.metrics["unet_gmacs"], pruned30.metrics["unet_params_m"]
     assert macs["after"] < 0.75 * macs["before"] and params["after"] < 0.75 * params["before"]
     inputs = unet_example_inputs(pruned30.pipeline)
-    assert unet_gmacs(unet, inputs) == pytest.approx(macs["after"], rel=1e-4)  # what sdwb bench reports
-    assert unet_gmacs(original, inputs) == pytest.approx(macs["before"], rel=1e-4)
+    assert unet_macs(unet, inputs)["gmacs"] == pytest.approx(macs["after"], rel=1e-4)  # = sdwb bench's
+    assert unet_macs(original, inputs)["gmacs"] == pytest.approx(macs["before"], rel=1e-4)
     before = dict(original.named_modules())
     narrower = 0
     for name, layer in unet.named_modules():
@@ -164,9 +164,9 @@ def test_variant_round_trip_is_identical_and_pickle_free(pruned30, tiny):
 
 def test_pruned_variant_quantizes_and_reloads(pruned30, tmp_path):
     """A variant made from a pruned one stores pruned shapes; loading finds them in its parent's record."""
-    from compress.quant_config import parse_quant_config
     from compress.quantize import quantize
     from sdwb.loading import load_pipeline
+    from sdwb.quant.config import parse_quant_config
 
     out = tmp_path / "bf16"
     config = parse_quant_config({"method": "torch-bf16", "guard": {"enabled": False}})
@@ -206,8 +206,8 @@ def test_tampered_truncated_or_mismatched_variant_is_refused(pruned30, tmp_path)
 
 
 def test_block_removal_lowers_macs_and_round_trips(tiny, tmp_path):
-    from compress.prune_blocks import SkippedAttention, SkippedResnet
     from sdwb.loading import load_pipeline
+    from sdwb.variants.unet_blocks import SkippedAttention, SkippedResnet
 
     out = tmp_path / "blocks"
     result = prune(tiny, cfg(method="blocks"), out)
@@ -295,7 +295,7 @@ def _cli(args: list[str]):
     """Run ``sdwb ARGS`` through typer's CliRunner and the root CLI's error handling."""
     from typer.testing import CliRunner
 
-    from sdwb import cli
+    from sdwb.app import cli
 
     wrapper = typer.Typer()
 
@@ -339,3 +339,13 @@ def test_cli_bad_input_is_one_line(args, expected, tiny, tmp_path):
     err = result.stderr
     assert err.startswith("error: ") and expected in err and err.count("\n") == 1
     assert not (tmp_path / "v").exists()
+
+
+def test_prune_method_registry_matches_the_config():
+    """One registry: every method the config accepts has a check and an apply, and no other."""
+    import typing
+
+    from compress.prune import METHODS
+    from compress.prune_config import PruneConfig
+
+    assert set(typing.get_args(PruneConfig.model_fields["method"].annotation)) == set(METHODS)

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from compress.quant_config import METHODS, load_quant_config, parse_quant_config
 from compress.quantize import quantize
+from export.onnx import export_onnx
 from sdwb.errors import SdwbError
+from sdwb.quant.config import METHODS, load_quant_config, parse_quant_config
 
 FAST_GUARD = {"prompts": 2, "steps": 4}
 CPU_TORCH = ["torch-bf16", "torch-int8-dynamic", "torch-int8-static", "torchao-int8-weight-only"]
@@ -53,13 +54,14 @@ def calib_cfg():
 @pytest.fixture(scope="module")
 def ort_dynamic(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("ort") / "dyn"
-    return quantize(tiny, cfg("ort-int8-dynamic", components=["unet", "text_encoder"]), out)
+    config = cfg("ort-int8-dynamic", components=["unet", "text_encoder"])
+    return quantize(tiny, config, out, exporter=export_onnx)
 
 
 @pytest.fixture(scope="module")
 def ort_static(tiny, tmp_path_factory, calib_cfg):
     out = tmp_path_factory.mktemp("ort") / "static"
-    return quantize(tiny, cfg("ort-int8-static", calibration=calib_cfg), out)
+    return quantize(tiny, cfg("ort-int8-static", calibration=calib_cfg), out, exporter=export_onnx)
 
 
 # --------------------------------------------------------------------------- configs
@@ -98,8 +100,8 @@ def test_committed_configs_validate():
 
 @pytest.mark.parametrize("method", CPU_TORCH)
 def test_torch_method_yields_loadable_variant(method, tiny, tmp_path):
-    from compress.variants import verify_files
     from sdwb.loading import load_pipeline
+    from sdwb.variants.record import verify_record
 
     if method.startswith("torchao") and not HAS_TORCHAO:
         with pytest.raises(SdwbError, match="torchao is not installed"):
@@ -116,7 +118,7 @@ def test_torch_method_yields_loadable_variant(method, tiny, tmp_path):
     assert record["config"]["method"] == method and record["libraries"]["torch"]
     assert record["metrics"]["guard"]["psnr"] >= record["config"]["guard"]["min_psnr"]
     assert any(rel.endswith(".safetensors") for rel in record["files"])
-    verify_files(out, record)
+    verify_record(out, record)
     loaded = load_pipeline(str(out))  # re-applies the recorded method
     if method == "torch-bf16":
         assert loaded.unet.conv_in.weight.dtype == torch.bfloat16
@@ -124,7 +126,7 @@ def test_torch_method_yields_loadable_variant(method, tiny, tmp_path):
         assert loaded.unet.down_blocks[0].resnets[0].norm1.weight.dtype == torch.float32
         assert loaded.text_encoder.dtype == torch.float32  # embeddings kept: latents stay fp32
     elif method == "torch-int8-static":
-        from compress.quant_w8a8 import RANGES_FILE, W8A8
+        from sdwb.quant.w8a8 import RANGES_FILE, W8A8
 
         assert (out / RANGES_FILE).is_file() and RANGES_FILE in record["files"]
         assert isinstance(loaded.unet.down_blocks[0].resnets[0].conv1, W8A8)
@@ -159,7 +161,7 @@ def test_bf16_keep_rules_are_configurable(tiny):
 
 
 def test_sliced_bf16_attention_matches_sdpa():
-    from compress.attention import SlicedBf16AttnProcessor
+    from sdwb.quant.attention import SlicedBf16AttnProcessor
     from sdwb.testing import build_tiny_pipeline
 
     unet = build_tiny_pipeline(seed=0).unet
@@ -201,12 +203,12 @@ def test_gpu_only_methods_refuse_on_cpu(method, tiny, tmp_path):
 
 
 def _broken(kind: str):
-    import compress.quant_torch as qt
+    import sdwb.quant.torch_methods as qt
 
     original = qt.apply_torch_method
 
-    def apply(pipe, config, device="cpu"):
-        summary = original(pipe, config, device)
+    def apply(pipe, config, device="cpu", state=None):
+        summary = original(pipe, config, device, state)
         with torch.no_grad():
             if kind == "nan":
                 pipe.unet.conv_out.bias[0] = float("nan")
@@ -219,7 +221,7 @@ def _broken(kind: str):
 
 @pytest.mark.parametrize("kind", ["nan", "scaled"])
 def test_guard_refuses_broken_model_and_writes_nothing(kind, tiny, tmp_path, monkeypatch):
-    import compress.quant_torch as qt
+    import sdwb.quant.torch_methods as qt
 
     monkeypatch.setattr(qt, "apply_torch_method", _broken(kind))
     with pytest.raises(SdwbError) as e:
@@ -241,9 +243,9 @@ def test_guard_psnr_floor_is_configurable(tiny, tmp_path):
 
 def test_calibration_visits_the_trajectory_reproducibly(tiny, calib_cfg):
     from compress.calibration import record_trajectories
-    from compress.quant_config import CalibrationConfig
     from sdwb import shapes
     from sdwb.loading import load_pipeline
+    from sdwb.quant.config import CalibrationConfig
 
     config = CalibrationConfig(**calib_cfg)
     pipe = load_pipeline(tiny)
@@ -280,8 +282,9 @@ def _rel_error(float_path: Path, quant_path: Path, feeds: dict) -> float:
 
 
 def test_ort_dynamic_variant_is_a_verified_export(ort_dynamic, tiny):
-    from export.onnx import verify_manifest
-    from export.ort import OrtStableDiffusionPipeline, generate_ort
+    from sdwb.backends.onnxruntime import OrtStableDiffusionPipeline
+    from sdwb.generate import generate
+    from sdwb.variants.manifest import verify_manifest
 
     out = ort_dynamic.path
     manifest = verify_manifest(out)
@@ -292,7 +295,7 @@ def test_ort_dynamic_variant_is_a_verified_export(ort_dynamic, tiny):
     record = json.loads((out / "sdwb.json").read_text())
     assert record["backend"] == "onnxruntime" and record["metrics"]["guard"]["psnr"] >= 20
     pipe = OrtStableDiffusionPipeline.from_export(out, threads=1)
-    imgs = generate_ort(pipe, ["a large blue square on a white background"], steps=3, progress=False)
+    imgs = generate(pipe, ["a large blue square on a white background"], steps=3, progress=False)
     assert np.isfinite(np.asarray(imgs[0], dtype=float)).all() and imgs[0].size == (32, 32)
 
 
@@ -300,9 +303,9 @@ def test_ort_quantized_unet_runs_with_bounded_error(ort_dynamic, ort_static, tin
     """Each quantized UNet graph, run by ONNX Runtime on real trajectory inputs (other prompts than
     the calibration's), stays within a bounded relative error of the float graph."""
     from compress.calibration import record_trajectories
-    from compress.quant_config import CalibrationConfig
     from export.onnx import export_onnx
     from sdwb.loading import load_pipeline
+    from sdwb.quant.config import CalibrationConfig
 
     config = CalibrationConfig(prompts=1, steps=6, timesteps=3, prompt_offset=500)
     feeds = record_trajectories(load_pipeline(tiny), config).feeds["unet"]
@@ -364,7 +367,8 @@ def test_ort_dynamic_shrinks_unet_on_disk_3x(tmp_path):
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
         ).eval().requires_grad_(False)
-    variant = quantize(pipe, cfg("ort-int8-dynamic", guard={"enabled": False}), tmp_path / "v")
+    config = cfg("ort-int8-dynamic", guard={"enabled": False})
+    variant = quantize(pipe, config, tmp_path / "v", exporter=export_onnx)
     entry = variant.metrics["components"]["unet"]
     on_disk = sum(p.stat().st_size for p in (tmp_path / "v" / "unet").iterdir())
     assert entry["float_size_mb"] * 2**20 / on_disk >= 3.0, entry
@@ -374,8 +378,8 @@ def test_ort_dynamic_shrinks_unet_on_disk_3x(tmp_path):
 
 
 def _cli(args: list[str], capsys) -> tuple[int, str, str]:
-    from compress.cli import compress_app
-    from sdwb import cli
+    from sdwb.app import cli
+    from sdwb.app.compress_cli import compress_app
 
     if not any(g.name == "compress" for g in cli.app.registered_groups):
         cli.app.add_typer(compress_app, name="compress")
@@ -453,9 +457,26 @@ def test_attention_fusion_keeps_outputs_and_projections(exporter, fuser, tiny, t
 
 
 def test_ort_static_with_fused_attention_quantizes_every_projection(ort_static, tiny, tmp_path, calib_cfg):
-    fused = quantize(tiny, cfg("ort-int8-static", calibration=calib_cfg, fuse_attention=True), tmp_path / "v")
+    fused = quantize(tiny, cfg("ort-int8-static", calibration=calib_cfg, fuse_attention=True), tmp_path / "v",
+                     exporter=export_onnx)
     info = fused.metrics["components"]["unet"]
     assert info["attention_fusion"]["multi_head_attention"] > 0 and info["error_vs_float"]["finite"]
     graph = fused.path / "unet/model.onnx"
     assert _quantized_matmuls(graph) >= _quantized_matmuls(ort_static.path / "unet/model.onnx") > 0
     assert not list(fused.path.glob(".fused-*"))  # the fused float scratch graph is not shipped
+
+
+def test_every_registered_method_has_its_applier_and_is_in_the_union():
+    """The registry is the one list: configs, union, help and appliers cannot drift apart."""
+    import typing
+
+    from compress.ort_variant import GRAPH_QUANTIZERS
+    from sdwb.quant.config import METHOD_INFO, QuantConfig, methods_help
+    from sdwb.quant.torch_methods import APPLIERS
+
+    for name in METHODS:
+        table = APPLIERS if METHOD_INFO[name]["backend"] == "torch" else GRAPH_QUANTIZERS
+        assert name in table, f"{name}: registered without an applier"
+        assert name in methods_help()
+    assert set(typing.get_args(QuantConfig)) == set(METHODS.values())
+    assert set(APPLIERS) | set(GRAPH_QUANTIZERS) == set(METHODS)

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from sdwb.config import load_recipe, recipe_from_dict
+from sdwb.app.recipe_run import final_model, plan, run_recipe
+from sdwb.app.recipe_schema import load_recipe, recipe_from_dict
 from sdwb.errors import SdwbError
-from sdwb.recipe_run import final_model, plan, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,7 +155,7 @@ def test_recipe_spec_names_a_recipes_final_model(tiny_pipeline_dir, tmp_path, mo
 
 
 def test_cli_run_dry_run_and_errors(tiny_pipeline_dir, tmp_path):
-    from sdwb.cli import app
+    from sdwb.app.cli import app
 
     rfile = tmp_path / "r.yaml"
     rfile.write_text(yaml.safe_dump(tiny_recipe(str(tiny_pipeline_dir))))

@@ -8,7 +8,7 @@ a variant's ``sdwb.json`` records, and what loading re-applies.
 
 Methods (``METHODS``): ``torch-bf16``/``torch-fp16`` cast with fp32 keep-rules;
 ``torch-int8-dynamic`` (torch.ao dynamic int8 of ``nn.Linear``); ``torch-int8-static`` (W8A8
-Conv2d + Linear, trajectory-calibrated, :mod:`compress.quant_w8a8`); ``torchao-int8-weight-only`` /
+Conv2d + Linear, trajectory-calibrated, :mod:`sdwb.quant.w8a8`); ``torchao-int8-weight-only`` /
 ``torchao-int4-weight-only`` (optional ``torchao``); ``ort-int8-dynamic``/``ort-int8-static``
 (ONNX Runtime quantization of an exported graph; static uses QDQ and diffusion-trajectory
 calibration); ``ort-fp16`` (GPU). Which device each needs is declared in ``METHOD_INFO``.
@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sdwb.errors import SdwbError
+from sdwb.schema_errors import fields_of, format_errors
 from sdwb.yaml_io import Scheduler
 
 Component = Literal["unet", "text_encoder", "vae_decoder"]
@@ -72,6 +73,31 @@ class _Method(_Strict):
     guard: GuardConfig = Field(default_factory=GuardConfig)
 
 
+# The registry: method name -> config class. A method is one config class registered here with
+# what it runs on, plus the function that applies it, registered with the applier of its backend
+# (``sdwb.quant.torch_methods.applies`` for torch; ``compress.ort_variant`` for ONNX Runtime
+# graphs). ``METHODS``, ``METHOD_INFO``, the ``QuantConfig`` union, the CLI's ``--method`` help and
+# the docs' method list are all read from it.
+METHODS: dict[str, type[_Method]] = {}
+# backend: what the variant runs on; device: where the method can run ("cpu" means any CPU here).
+METHOD_INFO: dict[str, dict[str, str]] = {}
+
+
+def register(*, backend: Literal["torch", "onnxruntime"], device: str):
+    """Class decorator: register a method config (its ``method`` literal is its name)."""
+
+    def add(cls: type[_Method]) -> type[_Method]:
+        name = cls.model_fields["method"].default
+        if name in METHODS:
+            raise ValueError(f"quantization method {name!r} registered twice")
+        METHODS[name] = cls
+        METHOD_INFO[name] = {"backend": backend, "device": device}
+        return cls
+
+    return add
+
+
+@register(backend="torch", device="cpu or cuda")
 class TorchBf16Config(_Method):
     """Cast to bfloat16; modules matching ``keep_fp32`` (class name or module-path glob) stay fp32."""
 
@@ -79,6 +105,7 @@ class TorchBf16Config(_Method):
     keep_fp32: list[str] = Field(default_factory=lambda: list(DEFAULT_KEEP_FP32))
 
 
+@register(backend="torch", device="cuda")
 class TorchFp16Config(_Method):
     """Cast to float16 on a CUDA GPU; ``keep_fp32`` as for bf16."""
 
@@ -86,6 +113,7 @@ class TorchFp16Config(_Method):
     keep_fp32: list[str] = Field(default_factory=lambda: list(DEFAULT_KEEP_FP32))
 
 
+@register(backend="torch", device="cpu")
 class TorchInt8DynamicConfig(_Method):
     """torch.ao dynamic int8: ``nn.Linear`` weights int8, activations quantized per call (CPU)."""
 
@@ -94,6 +122,7 @@ class TorchInt8DynamicConfig(_Method):
     exclude: list[str] = Field(default_factory=list, description="module-path globs left in fp32")
 
 
+@register(backend="torch", device="cpu")
 class TorchInt8StaticConfig(_Method):
     """W8A8 static int8 Conv2d + Linear of the UNet (torch.ao quantized kernels, CPU), calibrated on
     denoising trajectories; ``attention: bf16-sliced`` also moves the attention core to bf16."""
@@ -107,10 +136,11 @@ class TorchInt8StaticConfig(_Method):
         default_factory=lambda: ["conv_in", "conv_out"], description="module-path globs left in float"
     )
     attention: Literal["sdpa", "bf16-sliced"] = Field(
-        "sdpa", description="sdpa: diffusers' default (fp32 flash); bf16-sliced: compress.attention"
+        "sdpa", description="sdpa: diffusers' default (fp32 flash); bf16-sliced: sdwb.quant.attention"
     )
 
 
+@register(backend="torch", device="cpu or cuda")
 class TorchaoInt8WeightOnlyConfig(_Method):
     """torchao int8 weight-only quantization of ``nn.Linear`` (needs the ``[torchao]`` extra)."""
 
@@ -118,6 +148,7 @@ class TorchaoInt8WeightOnlyConfig(_Method):
     exclude: list[str] = Field(default_factory=list, description="module-path globs left in fp32")
 
 
+@register(backend="torch", device="cuda")
 class TorchaoInt4WeightOnlyConfig(_Method):
     """torchao int4 weight-only (grouped) quantization of ``nn.Linear``; needs a CUDA kernel."""
 
@@ -126,6 +157,7 @@ class TorchaoInt4WeightOnlyConfig(_Method):
     exclude: list[str] = Field(default_factory=list)
 
 
+@register(backend="onnxruntime", device="cpu")
 class OrtInt8DynamicConfig(_Method):
     """ONNX Runtime ``quantize_dynamic``: int8 weights, activations quantized at run time."""
 
@@ -137,6 +169,7 @@ class OrtInt8DynamicConfig(_Method):
     )
 
 
+@register(backend="onnxruntime", device="cpu or cuda")
 class OrtInt8StaticConfig(_Method):
     """ONNX Runtime ``quantize_static`` in QDQ format, calibrated on denoising trajectories."""
 
@@ -168,6 +201,7 @@ class OrtInt8StaticConfig(_Method):
     )
 
 
+@register(backend="onnxruntime", device="cuda")
 class OrtFp16Config(_Method):
     """ONNX Runtime float16 graph (CUDA execution provider); ``op_block_list`` stays fp32."""
 
@@ -176,42 +210,12 @@ class OrtFp16Config(_Method):
     op_block_list: list[str] = Field(default_factory=lambda: ["InstanceNormalization", "GroupNormalization"])
 
 
-QuantConfig = Union[
-    TorchBf16Config,
-    TorchFp16Config,
-    TorchInt8DynamicConfig,
-    TorchaoInt8WeightOnlyConfig,
-    TorchaoInt4WeightOnlyConfig,
-    OrtInt8DynamicConfig,
-    OrtInt8StaticConfig,
-    OrtFp16Config,
-]
-METHODS: dict[str, type[_Method]] = {
-    cls.model_fields["method"].default: cls
-    for cls in (
-        TorchBf16Config,
-        TorchFp16Config,
-        TorchInt8DynamicConfig,
-        TorchInt8StaticConfig,
-        TorchaoInt8WeightOnlyConfig,
-        TorchaoInt4WeightOnlyConfig,
-        OrtInt8DynamicConfig,
-        OrtInt8StaticConfig,
-        OrtFp16Config,
-    )
-}
-# backend: what the variant runs on; device: where the method can run ("cpu" means any CPU here).
-METHOD_INFO: dict[str, dict[str, str]] = {
-    "torch-bf16": {"backend": "torch", "device": "cpu or cuda"},
-    "torch-fp16": {"backend": "torch", "device": "cuda"},
-    "torch-int8-dynamic": {"backend": "torch", "device": "cpu"},
-    "torch-int8-static": {"backend": "torch", "device": "cpu"},
-    "torchao-int8-weight-only": {"backend": "torch", "device": "cpu or cuda"},
-    "torchao-int4-weight-only": {"backend": "torch", "device": "cuda"},
-    "ort-int8-dynamic": {"backend": "onnxruntime", "device": "cpu"},
-    "ort-int8-static": {"backend": "onnxruntime", "device": "cpu or cuda"},
-    "ort-fp16": {"backend": "onnxruntime", "device": "cuda"},
-}
+QuantConfig = Union[tuple(METHODS.values())]  # type: ignore[valid-type]  # every registered config
+
+
+def methods_help() -> str:
+    """``torch-bf16 | torch-fp16 | ...``: the registered methods, for help texts."""
+    return " | ".join(METHODS)
 
 
 def backend_of(config: QuantConfig) -> str:
@@ -232,7 +236,7 @@ def parse_quant_config(data: dict, source: str = "quantize config") -> QuantConf
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise SdwbError(f"{source}: " + _format(e, cls)) from None
+        raise SdwbError(f"{source}: " + format_errors(e, allowed=fields_of(cls))) from None
 
 
 def load_quant_config(
@@ -240,60 +244,12 @@ def load_quant_config(
 ) -> QuantConfig:
     """Read a ``configs/quantize/*.yaml`` file (or start empty), apply ``--set`` overrides, then
     ``flags`` (command-line options; None values ignored), and validate."""
-    from sdwb.yaml_io import apply_overrides
-    from sdwb.yaml_io import read_yaml as _read_yaml
+    from sdwb.yaml_io import read_with_flags
 
-    data = _read_yaml(Path(path)) if path is not None else {}
-    source = str(path) if path is not None else "command line"
-    data = apply_overrides(data, overrides)
-    for key, value in flags.items():
-        if value is None:
-            continue
-        if key == "method" and data.get("method") not in (None, value):
-            raise SdwbError(f"--method {value}: {source} says method {data['method']!r}; give one of them")
-        section, _, leaf = key.partition(".")
-        if leaf:
-            node = data.setdefault(section, {})
-            if not isinstance(node, dict):
-                raise SdwbError(f"{source}: {section}: expected a mapping")
-            node[leaf] = value
-        else:
-            data[key] = value
+    data, source = read_with_flags(path, overrides, flags, guard={"method": "--method"})
     return parse_quant_config(data, source)
 
 
 def resolved(config: QuantConfig) -> dict:
     """The config with every default filled in, as plain JSON data (recorded in sdwb.json)."""
     return config.model_dump(mode="json")
-
-
-def _format(e: ValidationError, cls: type[BaseModel]) -> str:
-    parts = []
-    for err in e.errors(include_url=False)[:3]:
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            model = _model_at(cls, err["loc"][:-1])
-            allowed = f" (allowed: {', '.join(model.model_fields)})" if model else ""
-            parts.append(f"{loc}: unknown key{allowed}")
-        elif err["type"] == "missing":
-            parts.append(f"{loc}: required key is missing")
-        elif err["type"] == "value_error":  # a model validator's own sentence names its keys
-            msg = str(err.get("ctx", {}).get("error", err["msg"]))
-            parts.append(f"{loc}: {msg}" if loc else msg)
-        else:
-            msg = err["msg"][:1].lower() + err["msg"][1:]
-            parts.append(f"{loc}: {msg}, got {err['input']!r}")
-    more = len(e.errors()) - 3
-    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
-
-
-def _model_at(cls: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
-    model: Any = cls
-    for seg in loc:
-        if isinstance(seg, int):
-            continue
-        field = getattr(model, "model_fields", {}).get(seg)
-        if field is None:
-            return None
-        model = field.annotation
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None

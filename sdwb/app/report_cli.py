@@ -1,7 +1,7 @@
 """The ``sdwb report`` command: saved results -> ``report.md`` + a self-contained ``report.html``.
 
 Why a separate module: the rendering lives in ``bench.report`` and must stay importable without
-typer; this is only the command-line face, wired into ``sdwb/cli.py`` with
+typer; this is only the command-line face, wired into ``sdwb/app/cli.py`` with
 ``app.command("report")(report_command)``. It reads results files and never runs a model.
 """
 

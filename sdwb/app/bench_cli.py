@@ -1,6 +1,6 @@
 """``sdwb bench``: run a benchmark from a config file, or the quick form from ``--model`` flags.
 
-``bench_command`` is a plain typer command function; ``sdwb/cli.py`` registers it with
+``bench_command`` is a plain typer command function; ``sdwb/app/cli.py`` registers it with
 ``app.command("bench")(bench_command)``. It raises :class:`SdwbError` for bad input, which the
 ``sdwb`` entry point prints as one ``error:`` line with a non-zero exit.
 """
@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from sdwb.backends.registry import BACKENDS
 from sdwb.errors import SdwbError
 
 
@@ -23,7 +24,8 @@ def bench_command(
     ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory.")] = None,
     backend: Annotated[
-        Optional[str], typer.Option(help="torch | onnxruntime (a model spec is exported once) | tensorrt.")
+        Optional[str],
+        typer.Option(help=f"{' | '.join(BACKENDS)} (onnxruntime: a model spec is exported once)."),
     ] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda | auto.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp32 | bf16 | fp16.")] = None,
@@ -77,10 +79,13 @@ def bench_command(
         raise SdwbError("nothing to bench: give a bench config file or at least one --model")
     if out is None:
         from bench.scenario import resolved_dict
-        from sdwb.config import config_hash
+        from sdwb.app.recipe_schema import config_hash
         from sdwb.runs import run_dir
 
         out = run_dir(cfg.name, config_hash(resolved_dict(cfg)))
+    from sdwb.app.recipe_run import resolve_recipe_models
+
+    cfg = resolve_recipe_models(cfg)
     _quiet_library_progress()
     df = run_bench(cfg, out, progress=progress, command=python_command())
     print_summary(df)

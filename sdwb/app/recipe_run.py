@@ -1,6 +1,6 @@
 """``sdwb run RECIPE``: execute a recipe's stages in order, each artifact addressed by a hash.
 
-What: a recipe (``configs/recipes/*.yaml``, :mod:`sdwb.config`) lists stages -- prune, distill,
+What: a recipe (``configs/recipes/*.yaml``, :mod:`sdwb.app.recipe_schema`) lists stages -- prune, distill,
 quantize, export, generate, bench, report. Each model stage (prune / distill / quantize /
 export) takes the current model and produces the next one; generate / bench / report read
 models and write results.
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdwb.config import MODEL_STAGES, Recipe, config_hash, load_recipe, resolved_dict, stage_name
+from sdwb.app.recipe_schema import MODEL_STAGES, Recipe, config_hash, load_recipe, resolved_dict, stage_name
 from sdwb.errors import SdwbError
 
 DEFAULT_STORE = Path("runs/stages")
@@ -96,7 +96,7 @@ def _stage_config(stage) -> dict:
 
 def model_fingerprint(spec: str) -> str:
     """Content identity of the recipe's starting model (what its first stage reads)."""
-    from export.onnx import source_fingerprint
+    from sdwb.variants.manifest import source_fingerprint
 
     return source_fingerprint(spec)
 
@@ -192,6 +192,20 @@ def final_model(recipe_spec: str, store: str | Path = DEFAULT_STORE) -> str:
             f"{recipe_spec}: the recipe has not been run to its {last.name} stage yet (sdwb run {path})"
         )
     return str(last.out)
+
+
+def resolve_recipe_models(config, store: str | Path = DEFAULT_STORE):
+    """A bench config whose ``recipe:NAME[@STAGE]`` model specs name the artifacts they stand for
+    (the application layer resolves them: the benchmark knows models, not recipes)."""
+    variants = []
+    for v in config.variants:
+        if v.model.startswith(RECIPE_PREFIX):
+            try:
+                v = v.model_copy(update={"model": final_model(v.model, store)})
+            except SdwbError as e:
+                raise SdwbError(f"variant {v.name}: {e}") from None
+        variants.append(v)
+    return config.model_copy(update={"variants": variants})
 
 
 @dataclass
@@ -358,8 +372,9 @@ def _run_distill(p, recipe, *, progress, say, command) -> None:
 
 def _run_quantize(p, recipe, *, progress, say, command) -> None:
     from compress.quantize import quantize
+    from export.onnx import export_onnx
 
-    quantize(p.input, p.stage.quant_config(), p.out, progress=say)
+    quantize(p.input, p.stage.quant_config(), p.out, progress=say, exporter=export_onnx)
 
 
 def _run_export(p, recipe, *, progress, say, command) -> None:
@@ -411,7 +426,7 @@ def _run_generate(p, recipe, *, progress, say, command) -> None:
 def _run_bench(p, recipe, *, progress, say, command) -> None:
     from bench.harness import run_bench
     from bench.scenario import BenchConfig
-    from export.onnx import is_export_dir
+    from sdwb.variants.manifest import is_export_dir
 
     data = p.stage.model_dump(mode="json")  # variants keep only the keys they set
     data.pop("kind", None)
@@ -422,7 +437,7 @@ def _run_bench(p, recipe, *, progress, say, command) -> None:
             v["model"] = p.refs[v["model"]]
             if v.get("backend") is None and is_export_dir(v["model"]):
                 v["backend"] = "onnxruntime"  # an export runs on ONNX Runtime unless told otherwise
-    cfg = BenchConfig.model_validate(data)
+    cfg = resolve_recipe_models(BenchConfig.model_validate(data))
     run_bench(cfg, p.out, progress=progress, command=command)
 
 

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.interfaces import resolve_dim
-from export.onnx import read_manifest, verify_manifest
 from sdwb.errors import SdwbError
+from sdwb.inference import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from sdwb.variants.manifest import read_manifest, resolve_dim, verify_manifest
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -185,25 +185,36 @@ class ExportedPipeline:
                 raise SdwbError(f"{what} {value}: expected a multiple of {step} for this model")
         return height // f, width // f
 
+    def set_progress_bar_config(self, **_kw) -> None:
+        """diffusers' pipelines have it; this loop draws no bar of its own (the caller's bar advances
+        through ``callback_on_step_end``)."""
+
     @torch.inference_mode()
     def __call__(
         self,
-        prompts: str | list[str],
+        prompt: str | list[str],
         *,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int = DEFAULT_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE,
         generator: torch.Generator | list[torch.Generator] | None = None,
         height: int | None = None,
         width: int | None = None,
         eta: float = 0.0,
-        scheduler=None,
-        callback: Callable[[int], None] | None = None,
-    ) -> np.ndarray:
-        """Images as float32 ``[B, H, W, 3]`` in [0, 1] (diffusers' ``output_type="np"``)."""
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+    ):
+        """diffusers' ``StableDiffusionPipeline.__call__`` contract: ``.images`` are PIL images
+        (``output_type="pil"``) or float32 ``[B, H, W, 3]`` in [0, 1] (``"np"``); the scheduler is
+        ``self.scheduler`` (swap it as on a diffusers pipeline); ``callback_on_step_end(pipe, i, t,
+        kwargs)`` is called after every step and returns ``kwargs``."""
+        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
 
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        scheduler = scheduler or self.scheduler
+        if output_type not in ("pil", "np"):
+            raise SdwbError(f"output_type {output_type!r}: an exported pipeline returns 'pil' or 'np' images")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        scheduler = self.scheduler
         cfg = guidance_scale > 1.0
         h, w = self.latent_size(height, width)
         embeds = self.encode_prompt(prompts, cfg)
@@ -222,14 +233,21 @@ class ExportedPipeline:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance_scale * (cond - uncond)
             latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-            if callback is not None:
-                callback(i)
+            if callback_on_step_end is not None:
+                latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
         image = self.run_component("vae_decoder", latent=latents).float()
-        return (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
+        images = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
+        if output_type == "pil":
+            from PIL import Image
 
-    def generate(self, prompts: list[str], **kw) -> list:
-        """Same as :func:`generate_ort` on this pipeline."""
-        return generate_ort(self, prompts, **kw)
+            images = [Image.fromarray((img * 255).round().clip(0, 255).astype(np.uint8)) for img in images]
+        if not return_dict:
+            return (images, None)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+
+    def describe(self) -> str:
+        """How the NaN guard of :func:`sdwb.generate.generate` names this pipeline."""
+        return str(self.info.get("backend", "export"))
 
 
 def _load_tokenizer_and_scheduler(directory: Path):
@@ -331,45 +349,3 @@ class OrtStableDiffusionPipeline(ExportedPipeline):
         pipe = cls(components, tokenizer, scheduler, manifest["pipeline"], device, info)
         pipe.manifest = manifest
         return pipe
-
-
-def generate_ort(
-    pipe: ExportedPipeline,
-    prompts: list[str],
-    *,
-    steps: int = 30,
-    guidance: float = 7.5,
-    seed: int = 0,
-    scheduler: str = "ddim",
-    batch: int = 1,
-    height: int | None = None,
-    width: int | None = None,
-    progress: bool = True,
-) -> list:
-    """Mirror of :func:`sdwb.generate.generate` for exported pipelines: one PIL image per prompt.
-
-    Image ``i`` starts from ``torch.Generator("cpu").manual_seed(seed + i)``, so it matches the
-    torch backend's image ``i`` for the same model. Raises :class:`SdwbError` on NaN/inf.
-    """
-    from PIL import Image
-
-    from sdwb.generate import _progress, make_scheduler
-
-    prompts = list(prompts)
-    if steps < 1 or batch < 1:
-        raise SdwbError(f"steps and batch must be >= 1 (got steps={steps}, batch={batch})")
-    sched = make_scheduler(scheduler, pipe.scheduler.config)
-    images: list = []
-    with _progress(progress, len(prompts) * steps) as advance:
-        for start in range(0, len(prompts), batch):
-            chunk = prompts[start : start + batch]
-            generators = [torch.Generator("cpu").manual_seed(seed + start + j) for j in range(len(chunk))]
-            out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                       height=height, width=width, scheduler=sched, callback=lambda _i: advance())
-            if not np.isfinite(out).all():
-                first = start + int(np.argmax(~np.isfinite(out).reshape(len(chunk), -1).all(axis=1)))
-                backend = pipe.info.get("backend", "export")
-                raise SdwbError(f"generation produced NaN/inf for prompt {first} ('{prompts[first]}') with "
-                                f"scheduler {scheduler}, {steps} steps ({backend})")
-            images += [Image.fromarray((img * 255).round().clip(0, 255).astype(np.uint8)) for img in out]
-    return images

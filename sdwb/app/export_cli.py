@@ -1,7 +1,7 @@
 """``sdwb export onnx|tensorrt`` (a typer sub-app) and the backend switch for ``sdwb generate``.
 
-Why here and not in ``sdwb/cli.py``: the export stage owns its commands; the root CLI only mounts
-``export_app`` (``app.add_typer(export_app, name="export")``) and calls
+Why a module of its own: one module per verb group of the application layer; the root CLI
+(``sdwb/app/cli.py``) only mounts ``export_app`` (``app.add_typer(export_app, name="export")``) and calls
 :func:`generate_with_backend` for ``--backend onnxruntime|tensorrt``. Errors are
 :class:`SdwbError` and reach the root CLI's one-line ``error:`` handler unchanged.
 """
@@ -136,11 +136,11 @@ def generate_with_backend(backend: str, model_dir: str | Path, prompts: list[str
     ``kw`` are :func:`sdwb.generate.generate`'s (steps, guidance, seed, scheduler, batch, height,
     width, progress). ``model_dir``: a model spec for torch, an ONNX export for onnxruntime, an
     engine directory for tensorrt (anything else: a one-line error saying which export to run
-    first, see :func:`export.backends.check_model`). ``providers`` (default: from ``device``) and
+    first, see :func:`sdwb.backends.registry.check_model`). ``providers`` (default: from ``device``) and
     ``threads`` (intra-op) apply to onnxruntime only; ``dtype`` to torch only (exports are fp32,
     engine precision is fixed when they are built).
     """
-    from export.backends import check_model, open_exported
+    from sdwb.backends.registry import check_model, open_exported
 
     if backend == "torch":
         import torch
@@ -150,13 +150,13 @@ def generate_with_backend(backend: str, model_dir: str | Path, prompts: list[str
 
         pipe = load_pipeline(str(model_dir), device=device, dtype=dtype or torch.float32)
         return generate(pipe, prompts, **kw)
-    from export.ort import generate_ort
+    from sdwb.generate import generate
 
     directory = check_model(backend, model_dir)
     if backend == "onnxruntime" and providers is not None:
-        from export.ort import OrtStableDiffusionPipeline
+        from sdwb.backends.onnxruntime import OrtStableDiffusionPipeline
 
         pipe = OrtStableDiffusionPipeline.from_export(directory, providers=providers, threads=threads)
     else:
         pipe = open_exported(backend, directory, device=device, threads=threads)
-    return generate_ort(pipe, prompts, **kw)
+    return generate(pipe, prompts, **kw)

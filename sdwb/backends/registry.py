@@ -1,7 +1,8 @@
-"""Which model each inference backend runs, and opening it: the one place both CLIs ask.
+"""The backends table: which model each inference backend runs, and opening it.
 
-Why one place: ``sdwb generate --backend`` and ``sdwb bench --backend`` must accept and refuse
-the same models with the same one-line errors.
+Why one place: ``sdwb generate --backend``, ``sdwb bench`` scenarios, the memory probe and the
+gate must accept and refuse the same models with the same one-line errors. Every pipeline a
+backend opens answers the same call (``sdwb.generate.generate`` runs any of them).
 
 - ``torch``: a model spec (``builtin:NAME``, a diffusers directory, a cached hub id).
 - ``onnxruntime``: an ONNX export directory (``sdwb export onnx``: format ``sdwb-onnx-export``).
@@ -23,14 +24,35 @@ e.g. freshly initialised norm weights, once, and adds a few float constants).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from export.onnx import FORMAT as ONNX_FORMAT
-from export.tensorrt import ENGINE_FORMAT
 from sdwb.errors import SdwbError
+from sdwb.variants.manifest import ENGINE_FORMAT
+from sdwb.variants.manifest import EXPORT_FORMAT as ONNX_FORMAT
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")
 MB = 2**20
+
+
+def _open_onnxruntime(directory, *, device: str = "cpu", threads: int | None = None):
+    from sdwb.backends.onnxruntime import OrtStableDiffusionPipeline
+
+    return OrtStableDiffusionPipeline.from_export(directory, providers=providers_for(device), threads=threads)
+
+
+def _open_tensorrt(directory, *, device: str = "cpu", threads: int | None = None):
+    from sdwb.backends.tensorrt import TrtRunner
+
+    return TrtRunner.from_engines(directory, device=device if str(device).startswith("cuda") else "cuda")
+
+
+# The table of backends that run an export: name -> opener. ``torch`` runs a model spec through
+# ``sdwb.loading``. A new backend is one module under sdwb/backends/ and one row here (plus what
+# check_model accepts for it); the CLI's choices, the bench and gate schemas and the memory probe
+# read BACKENDS.
+OPENERS = {"onnxruntime": _open_onnxruntime, "tensorrt": _open_tensorrt}
+BACKENDS = ("torch", *OPENERS)
+EXPORTED_BACKENDS = tuple(OPENERS)
+Backend = Literal[BACKENDS]  # the schemas' type of a backend name (bench scenarios, recipes, gate)
 
 
 def manifest_format(spec: str | Path) -> str | None:
@@ -65,7 +87,7 @@ def check_model(backend: str, spec: str | Path, flag: str = "--model") -> Path |
                             "ONNX export (the --onnx directory those engines were built from)")
         raise SdwbError(f"{flag} {spec}: not an ONNX export directory (no sdwb manifest.json); run "
                         f"`sdwb export onnx --model {spec} -o DIR` first, then pass {flag} DIR")
-    from export.tensorrt import require_tensorrt
+    from sdwb.backends.tensorrt import require_tensorrt
 
     require_tensorrt()  # no GPU / no tensorrt: the runner's one-line reason, before anything else
     if found == ENGINE_FORMAT:
@@ -87,25 +109,19 @@ def providers_for(device: str) -> list[str] | None:
 
 
 def open_exported(backend: str, directory: str | Path, *, device: str = "cpu", threads: int | None = None):
-    """An :class:`export.ort.ExportedPipeline` for an export (onnxruntime) or engines (tensorrt).
-
-    ``threads``: ONNX Runtime intra-op threads per session (None: its default, one per core).
-    """
-    if backend == "onnxruntime":
-        from export.ort import OrtStableDiffusionPipeline
-
-        return OrtStableDiffusionPipeline.from_export(directory, providers=providers_for(device),
-                                                      threads=threads)
-    if backend == "tensorrt":
-        from export.tensorrt import TrtRunner
-
-        return TrtRunner.from_engines(directory, device=device if str(device).startswith("cuda") else "cuda")
-    raise SdwbError(f"backend {backend}: not an exported backend (expected {', '.join(EXPORTED_BACKENDS)})")
+    """An :class:`sdwb.backends.onnxruntime.ExportedPipeline` for an export (onnxruntime) or engines
+    (tensorrt). ``threads``: ONNX Runtime intra-op threads per session (None: one per core)."""
+    opener = OPENERS.get(backend)
+    if opener is None:
+        raise SdwbError(f"backend {backend}: not an exported backend (expected "
+                        f"{', '.join(EXPORTED_BACKENDS)})")
+    return opener(directory, device=device, threads=threads)
 
 
 def cached_export_reason(directory: Path, spec: str, max_batch: int) -> str | None:
     """None when ``directory`` holds a usable export of ``spec``; else why it must be (re)made."""
-    from export.onnx import library_versions, source_fingerprint, verify_manifest
+    from sdwb.variants.files import library_versions
+    from sdwb.variants.manifest import source_fingerprint, verify_manifest
 
     if not (directory / "manifest.json").is_file():
         return "no export yet"
@@ -148,7 +164,7 @@ def ensure_export(spec: str, directory: str | Path, *, max_batch: int = 8,
     if cached_export_reason(directory, spec, max_batch) is None:
         return {"dir": directory, "reused": True}
     directory.parent.mkdir(parents=True, exist_ok=True)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
     env.setdefault("HF_HUB_OFFLINE", "1")
     cmd = [sys.executable, "-m", "sdwb", "export", "onnx", "--model", spec, "-o", str(directory),

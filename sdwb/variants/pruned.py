@@ -9,9 +9,8 @@ init), removes the same blocks, gives every tensor its recorded shape, makes the
 ``forward`` reads agree (:func:`sync_attributes`), materialises the module and loads the
 safetensors weights with strict key and shape checks; any mismatch is one ``SdwbError`` line.
 
-MACs and parameters (:func:`measure`) are counted by torch-pruning's ``count_ops_and_params`` on
-one UNet call with one sample, exactly as ``sdwb bench`` counts ``unet_gmacs``
-(:mod:`bench.memory`): attention matmuls inside ``scaled_dot_product_attention`` are not counted.
+The variant's own reader (:func:`pruned_components`, called by ``sdwb.loading``) finds the
+architecture in the record's ancestry, verifies the files and rebuilds the UNet.
 """
 
 from __future__ import annotations
@@ -24,17 +23,13 @@ from torch import nn
 from sdwb.errors import SdwbError
 
 FORMAT = "sdwb-pruned-unet"
-MACS_COUNTER = (
-    "torch_pruning.utils.count_ops_and_params, one UNet call on one sample (timestep 999, the "
-    "model's latent size and token count); attention matmuls inside SDPA are not counted"
-)
 
 
 def describe(unet) -> dict:
     """The architecture record of ``unet``: removed blocks, attention heads, every tensor's shape."""
     from diffusers.models.attention_processor import Attention
 
-    from compress.prune_blocks import removed_blocks
+    from sdwb.variants.unet_blocks import removed_blocks
 
     return {
         "format": FORMAT,
@@ -125,7 +120,7 @@ def build_unet(config: dict, architecture: dict, state: dict[str, torch.Tensor],
     """A ``UNet2DConditionModel`` of ``config`` reshaped to ``architecture`` holding ``state`` (fp32, CPU)."""
     from diffusers import UNet2DConditionModel
 
-    from compress.prune_blocks import apply_removals
+    from sdwb.variants.unet_blocks import apply_removals
 
     if not isinstance(architecture, dict) or architecture.get("format") != FORMAT:
         raise SdwbError(f"{source}: architecture record is not a {FORMAT} record")
@@ -176,29 +171,20 @@ def find_architecture(record: dict | None) -> dict | None:
     Why the chain: a variant made from a pruned one (quantized, say) stores weights of the pruned
     shapes, and only the pruned ancestor's record says what those shapes are.
     """
-    seen = 0
-    while isinstance(record, dict) and seen < 32:
-        if record.get("stage") == "prune":
-            return record.get("architecture")
-        record = (record.get("parent") or {}).get("variant")
-        seen += 1
-    return None
+    from sdwb.variants.record import ancestry
+
+    return next((r.get("architecture") for r in ancestry(record) if r.get("stage") == "prune"), None)
 
 
-def example_inputs(pipe) -> dict:
-    """One-sample UNet inputs (the bench's definition): the latent size, timestep 999, text states."""
-    from bench.memory import unet_example_inputs
+def pruned_components(path: Path) -> dict:
+    """``{"unet": ...}`` for a pruned variant (or one made from it): its files checked against the
+    record, the UNet rebuilt from the recorded architecture (diffusers' config alone cannot express
+    pruned widths); ``{}`` for anything else."""
+    from sdwb.variants.record import read_record, verify_record
 
-    return unet_example_inputs(pipe)
-
-
-def measure(unet, inputs: dict) -> dict:
-    """``{"gmacs", "params_m"}`` of one UNet call on ``inputs`` by torch-pruning's counter."""
-    import contextlib
-    import io
-
-    import torch_pruning as tp
-
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        macs, params = tp.utils.count_ops_and_params(unet, example_inputs=inputs)
-    return {"gmacs": float(macs) / 1e9, "params_m": float(params) / 1e6}
+    record = read_record(path)  # None when the directory has no sdwb.json
+    architecture = find_architecture(record)
+    if architecture is None:
+        return {}
+    verify_record(path, record)
+    return {"unet": load_unet(path / "unet", architecture)}

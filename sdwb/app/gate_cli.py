@@ -145,11 +145,13 @@ def _gate(
 
 def _ab(gate, cfg, ab, out, inject_slowdown, progress, context) -> list:
     """``--ab``: both models benchmarked in this process, interleaved."""
-    from bench.cli import _quiet_library_progress
     from bench.harness import run_bench
     from bench.results import python_command
+    from sdwb.app.bench_cli import _quiet_library_progress
+    from sdwb.app.recipe_run import resolve_recipe_models
 
-    bench_cfg = gate.ab_bench_config(ab[0], ab[1], cfg.measure, inject_slowdown=inject_slowdown)
+    bench_cfg = resolve_recipe_models(
+        gate.ab_bench_config(ab[0], ab[1], cfg.measure, inject_slowdown=inject_slowdown))
     _quiet_library_progress()
     run_bench(bench_cfg, out / "bench", progress=progress, command=python_command())
     data = gate.read_results(out / "bench")
@@ -167,13 +169,14 @@ def _ab(gate, cfg, ab, out, inject_slowdown, progress, context) -> list:
 
 def _ab_rev(gate, cfg, rev, out, inject_slowdown, progress, context, record) -> list:
     """``--ab-rev``: revision ``rev``'s code and the working tree's, in alternating subprocesses."""
-    from bench.gate_rev import measure_revisions, write_sides
+    from bench.gate_rev import measure_revisions, resolve_revision, write_sides
 
     m = cfg.measure
+    resolve_revision(rev)  # a bad revision is refused before anything is printed or measured
     log = (lambda line: typer.echo(f"gate --ab-rev: {line}", err=True)) if progress else None
     if log:
-        log(f"{m.rounds} rounds of one `sdwb bench` subprocess per side: {m.model}, {m.steps or 'default'} "
-            f"steps, {m.warmup} warm-up + {m.repeats} timed runs each")
+        log(f"{m.rounds} rounds of one `sdwb bench` run per side in {m.processes} worker pair(s): {m.model}, "
+            f"{m.steps or 'default'} steps, {m.warmup} warm-up + {m.repeats} timed runs each")
     base, head = measure_revisions(rev, m, m.model, out / "ab-rev", inject_slowdown=inject_slowdown, log=log)
     sides = write_sides(out / "ab-rev" / "sides.json", base, head, {"inject_slowdown": inject_slowdown})
     context += [

@@ -6,11 +6,11 @@ strictly typed, and any problem becomes one ``SdwbError`` line that names the fi
 (``bench.steps``) and what was expected. ``config_hash`` names run directories after the
 resolved recipe, so two runs of the same recipe land in the same place.
 
-Stages (``stages:``, run in order by ``sdwb run``, :mod:`sdwb.recipe_run`) reuse the schemas of
+Stages (``stages:``, run in order by ``sdwb run``, :mod:`sdwb.app.recipe_run`) reuse the schemas of
 the single-technique commands: a ``prune`` stage takes exactly the keys of ``configs/prune/*.yaml``,
 ``distill`` / ``quantize`` / ``bench`` likewise, so a config moves into a recipe unchanged. Adding a
 stage type is one model with a ``kind: Literal[...]`` field added to ``STAGE_TYPES`` (a
-discriminated union on ``kind``) and one executor in :mod:`sdwb.recipe_run`.
+discriminated union on ``kind``) and one executor in :mod:`sdwb.app.recipe_run`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serial
 from bench.scenario import BenchConfig
 from compress.distill_config import DistillConfig
 from compress.prune_config import PruneConfig
+from sdwb.backends.registry import Backend as Backend  # noqa: F401  (re-exported)
 from sdwb.errors import SdwbError
-from sdwb.yaml_io import Backend as Backend  # noqa: F401  (re-exported)
+from sdwb.inference import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS
+from sdwb.schema_errors import format_errors, short
 from sdwb.yaml_io import DType, Scheduler, _kind, apply_overrides, parse_override, read_yaml
 
 
@@ -41,9 +43,10 @@ class _Section(BaseModel):
 class GenerateSection(_Section):
     """How images are generated (``sdwb generate`` and every stage that renders images)."""
 
-    steps: int = Field(30, ge=1, le=1000, description="denoising steps")
-    guidance: float = Field(7.5, ge=0.0, description="classifier-free guidance scale (<=1 disables it)")
-    scheduler: Scheduler = "ddim"
+    steps: int = Field(DEFAULT_STEPS, ge=1, le=1000, description="denoising steps")
+    guidance: float = Field(DEFAULT_GUIDANCE, ge=0.0,
+                            description="classifier-free guidance scale (<=1 disables it)")
+    scheduler: Scheduler = DEFAULT_SCHEDULER
     seed: int = Field(0, ge=0)
     batch: int = Field(1, ge=1, le=256, description="images per prompt")
     height: int | None = Field(None, ge=8, multiple_of=8, description="pixels; default: the model's")
@@ -56,8 +59,8 @@ class BenchSection(_Section):
     its own ``defaults:`` leave unset (``prompts`` is a bench config's ``n_prompts``). Keys not
     written in the recipe are not passed on, so a model's own inference defaults still apply."""
 
-    steps: int = Field(30, ge=1, le=1000)
-    guidance: float = Field(7.5, ge=0.0)
+    steps: int = Field(DEFAULT_STEPS, ge=1, le=1000)
+    guidance: float = Field(DEFAULT_GUIDANCE, ge=0.0)
     prompts: int = Field(8, ge=1, description="number of held-out evaluation prompts")
     repeats: int = Field(5, ge=1, description="timed repeats (median and spread are reported)")
     warmup: int = Field(1, ge=0, description="untimed warm-up runs")
@@ -110,8 +113,8 @@ class QuantizeStage(_Section):
     name: str | None = _stage_name()
 
     def quant_config(self):
-        """The method's typed config (:mod:`compress.quant_config`)."""
-        from compress.quant_config import parse_quant_config
+        """The method's typed config (:mod:`sdwb.quant.config`)."""
+        from sdwb.quant.config import parse_quant_config
 
         return parse_quant_config(dict(self.model_extra or {}), "quantize")
 
@@ -125,7 +128,7 @@ class QuantizeStage(_Section):
 
     @model_serializer(mode="wrap")
     def _resolved(self, handler):
-        from compress.quant_config import resolved
+        from sdwb.quant.config import resolved
 
         head = {"kind": self.kind, **({"name": self.name} if self.name is not None else {})}
         return {**head, **resolved(self.quant_config())}
@@ -279,11 +282,6 @@ def config_hash(recipe: Recipe | dict, length: int = 12) -> str:
 # --------------------------------------------------------------------------- error messages
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _allowed_keys(loc: tuple) -> list[str] | None:
     """Field names of the model that the parent of ``loc`` points at, if it can be found."""
     model: Any = Recipe
@@ -303,38 +301,28 @@ def _allowed_keys(loc: tuple) -> list[str] | None:
     return None
 
 
-def _format_one(err: dict, set_keys: list[list[str]]) -> str:
-    loc = tuple(err["loc"])
-    # a discriminated union inserts the tag after the list index (stages.0.generate.x): hide it
-    shown = [str(p) for i, p in enumerate(loc)
-             if not (i >= 2 and loc[i - 2] == "stages" and isinstance(loc[i - 1], int))]
-    key = ".".join(shown) or "(top level)"
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(loc)
-        what = "unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
-    elif kind == "missing":
-        what = "required key is missing"
-    elif kind == "union_tag_invalid":
-        what = f"unknown stage kind {err['ctx']['tag']!r} (expected one of: {', '.join(_STAGE_KINDS)})"
-    elif kind == "union_tag_not_found":
-        what = f"stage has no 'kind' (expected one of: {', '.join(_STAGE_KINDS)})"
-    elif kind == "value_error":  # a model validator's own sentence names its keys
-        what = str(err.get("ctx", {}).get("error", err["msg"]))
-    else:
-        msg = err["msg"]
-        msg = msg[0].lower() + msg[1:] if msg else kind
-        what = f"{msg}, got {_short(err['input'])} ({_kind(err['input'])})"
-    if any(list(map(str, loc[: len(k)])) == k for k in set_keys):
-        what += " [from --set]"
-    return f"{key}: {what}"
-
-
 _STAGE_KINDS = tuple(t.model_fields["kind"].annotation.__args__[0] for t in STAGE_TYPES)
 
 
+def _label(loc: tuple) -> str:
+    # a discriminated union inserts the tag after the list index (stages.0.generate.x): hide it
+    return ".".join(str(p) for i, p in enumerate(loc)
+                    if not (i >= 2 and loc[i - 2] == "stages" and isinstance(loc[i - 1], int)))
+
+
+def _got(err: dict) -> str:
+    msg = err["msg"]
+    msg = msg[0].lower() + msg[1:] if msg else err["type"]
+    return f"{msg}, got {short(err['input'])} ({_kind(err['input'])})"
+
+
+_STAGE_KIND_ERRORS = {
+    "union_tag_invalid": lambda err: f"unknown stage kind {err['ctx']['tag']!r} (expected one of: "
+                                     f"{', '.join(_STAGE_KINDS)})",
+    "union_tag_not_found": lambda err: f"stage has no 'kind' (expected one of: {', '.join(_STAGE_KINDS)})",
+}
+
+
 def _format_validation_error(e: ValidationError, source: str, set_keys: list[list[str]]) -> str:
-    errors = e.errors(include_url=False)
-    parts = [_format_one(err, set_keys) for err in errors[:3]]
-    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-    return f"{source}: " + "; ".join(parts) + more
+    return f"{source}: " + format_errors(e, allowed=_allowed_keys, label=_label, kinds=_STAGE_KIND_ERRORS,
+                                         got=_got, set_keys=set_keys, empty_key="(top level)")

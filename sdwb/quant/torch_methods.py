@@ -25,10 +25,24 @@ import warnings
 
 import torch
 
-from compress.quant_config import QuantConfig
 from sdwb.errors import SdwbError
+from sdwb.quant.config import QuantConfig
 
 LOW_DTYPES = {"torch-bf16": torch.bfloat16, "torch-fp16": torch.float16}
+# The appliers of the torch methods registered in sdwb.quant.config: method name -> function
+# ``(pipe, config, device, state) -> summary`` (see :func:`applies`).
+APPLIERS: dict[str, object] = {}
+
+
+def applies(*methods: str):
+    """Function decorator: register the applier of torch quantization ``methods``."""
+
+    def add(fn):
+        for name in methods:
+            APPLIERS[name] = fn
+        return fn
+
+    return add
 ALWAYS_FP32 = {"text_encoder": ["text_model.embeddings", "embeddings"]}
 
 
@@ -86,7 +100,8 @@ def _output_caster(dtype):
     return hook
 
 
-def apply_cast(pipe, config: QuantConfig) -> dict:
+@applies("torch-bf16", "torch-fp16")
+def apply_cast(pipe, config: QuantConfig, device: str = "cpu", state: dict | None = None) -> dict:
     """Cast the configured components to bf16/fp16 with fp32 keep-rules; returns a summary."""
     dtype = LOW_DTYPES[config.method]
     kept, low, handles = [], 0, []
@@ -145,7 +160,8 @@ def linear_share(pipe, components) -> dict:
     return out
 
 
-def apply_int8_dynamic(pipe, config: QuantConfig) -> dict:
+@applies("torch-int8-dynamic")
+def apply_int8_dynamic(pipe, config: QuantConfig, device: str = "cpu", state: dict | None = None) -> dict:
     """torch.ao dynamic int8 of every ``nn.Linear`` in the configured components (CPU only)."""
     from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
@@ -196,7 +212,8 @@ def _torchao():
     return quantize_
 
 
-def apply_torchao(pipe, config: QuantConfig, device: str = "cpu") -> dict:
+@applies("torchao-int8-weight-only", "torchao-int4-weight-only")
+def apply_torchao(pipe, config: QuantConfig, device: str = "cpu", state: dict | None = None) -> dict:
     """torchao weight-only int8 (CPU and CUDA) or int4 (CUDA only in torchao 0.18) of ``nn.Linear``."""
     quantize_ = _torchao()
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
@@ -249,37 +266,30 @@ def check_supported(config: QuantConfig, device: str = "cpu") -> None:
 def apply_torch_method(pipe, config: QuantConfig, device: str = "cpu", state: dict | None = None) -> dict:
     """Apply a torch method to ``pipe`` in place (``device``: where the pipeline runs).
 
-    ``state``: what a calibrated method needs to re-apply without calibrating (torch-int8-static:
-    the activation ranges); calibrated here when None. The summary returned carries it as ``state``.
+    ``state``: what a calibrated method needs (torch-int8-static: the activation ranges, from
+    ``compress.calibration.calibrate_w8a8`` or the variant's file). The summary returned carries it
+    as ``state``.
     """
     check_supported(config, device)
-    if config.method in LOW_DTYPES:
-        return apply_cast(pipe, config)
-    if config.method == "torch-int8-dynamic":
-        return apply_int8_dynamic(pipe, config)
-    if config.method == "torch-int8-static":
-        return apply_int8_static(pipe, config, state)
-    if config.method.startswith("torchao-"):
-        return apply_torchao(pipe, config, device)
+    applier = APPLIERS.get(config.method)
+    if applier is not None:
+        return applier(pipe, config, device, state)
     raise SdwbError(f"{config.method}: not a PyTorch method")
 
 
-def apply_int8_static(pipe, config: QuantConfig, ranges: dict | None = None) -> dict:
-    """W8A8 Conv2d/Linear of the UNet; ranges from trajectory calibration unless given."""
-    from compress import quant_w8a8
+@applies("torch-int8-static")
+def apply_int8_static(pipe, config: QuantConfig, device: str = "cpu", ranges: dict | None = None) -> dict:
+    """W8A8 Conv2d/Linear of the UNet with calibrated activation ranges (``compress.calibration.
+    calibrate_w8a8`` makes them when quantizing; a variant stores them for re-applying)."""
+    from sdwb.quant import w8a8 as quant_w8a8
 
-    calibration = None
     if ranges is None:
-        from compress.calibration import record_trajectories
-
-        calib = record_trajectories(pipe, config.calibration)
-        names = quant_w8a8.targets(pipe.unet, config.exclude)
-        ranges = quant_w8a8.calibrate_ranges(pipe.unet, names, calib.feeds["unet"])
-        calibration = calib.summary()
+        raise SdwbError("torch-int8-static: no calibrated activation ranges (quantize with `sdwb compress "
+                        f"quantize`, which calibrates; a variant stores them in {quant_w8a8.RANGES_FILE})")
     share = linear_share(pipe, ["unet"])
     count = quant_w8a8.apply_w8a8(pipe.unet, ranges, config.engine, config.channels_last)
     if config.attention == "bf16-sliced":
-        from compress.attention import SlicedBf16AttnProcessor
+        from sdwb.quant.attention import SlicedBf16AttnProcessor
 
         pipe.unet.set_attn_processor(SlicedBf16AttnProcessor())
     return {
@@ -288,5 +298,4 @@ def apply_int8_static(pipe, config: QuantConfig, ranges: dict | None = None) -> 
         "engine": config.engine,
         "attention": config.attention,
         "state": ranges,
-        "calibration": calibration,
     }

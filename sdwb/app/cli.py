@@ -18,6 +18,7 @@ from typing import Annotated, Optional
 import typer
 
 from sdwb import __version__
+from sdwb.backends.registry import BACKENDS
 from sdwb.errors import SdwbError
 
 app = typer.Typer(
@@ -41,11 +42,11 @@ except ModuleNotFoundError as _exc:
 else:
     app.add_typer(baseline_app, name="baseline")
 
-from bench.cli import bench_command  # noqa: E402  (imports only typer; heavy imports are lazy)
-from bench.gate_cli import gate_command  # noqa: E402
-from bench.report_cli import report_command  # noqa: E402
-from compress.cli import compress_app  # noqa: E402
-from export.cli import export_app  # noqa: E402
+from sdwb.app.bench_cli import bench_command  # noqa: E402  (imports only typer; heavy imports are lazy)
+from sdwb.app.compress_cli import compress_app  # noqa: E402
+from sdwb.app.export_cli import export_app  # noqa: E402
+from sdwb.app.gate_cli import gate_command  # noqa: E402
+from sdwb.app.report_cli import report_command  # noqa: E402
 
 app.add_typer(compress_app, name="compress")
 app.add_typer(export_app, name="export")
@@ -173,7 +174,7 @@ def generate(
     backend: Annotated[
         str,
         typer.Option(
-            help="auto | torch | onnxruntime | tensorrt (the last two: --model is an export dir; auto: "
+            help=f"auto | {' | '.join(BACKENDS)} (all but torch: --model is an export dir; auto: "
             "onnxruntime for an ONNX export or ONNX Runtime variant, else torch)."
         ),
     ] = "auto",
@@ -185,11 +186,11 @@ def generate(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Generate images (see GENERATE_HELP): recipe + flags -> pipeline -> image files + json."""
-    from sdwb.config import config_hash, load_recipe, recipe_from_dict, resolved_dict
+    from sdwb.app.recipe_schema import config_hash, load_recipe, recipe_from_dict, resolved_dict
     from sdwb.runs import atomic_save_image, atomic_write_json, check_writable_file
 
-    if backend not in ("auto", "torch", "onnxruntime", "tensorrt"):
-        raise SdwbError(f"--backend {backend}: expected auto, torch, onnxruntime or tensorrt")
+    if backend not in ("auto", *BACKENDS):
+        raise SdwbError(f"--backend {backend}: expected auto, {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
     recipe = load_recipe(config, set_)
     flags = {"model": model, "steps": steps, "guidance": guidance, "seed": seed, "scheduler": scheduler,
              "batch": batch, "height": height, "width": width, "dtype": dtype}
@@ -206,7 +207,7 @@ def generate(
     recipe = recipe_from_dict(data, "command line")
     g = recipe.generate
     if backend == "auto":
-        from export.onnx import is_export_dir
+        from sdwb.variants.manifest import is_export_dir
 
         backend = "onnxruntime" if is_export_dir(recipe.model) else "torch"
     output = check_writable_file(output, IMAGE_SUFFIXES)
@@ -261,8 +262,8 @@ def generate(
 def _generate_exported(backend: str, model: str, dtype: str, device: str, prompts: list[str],
                        kw: dict) -> list:
     """``--backend onnxruntime|tensorrt``: ``model`` must be an export (engine) directory."""
-    from export.backends import check_model
-    from export.cli import generate_with_backend
+    from sdwb.app.export_cli import generate_with_backend
+    from sdwb.backends.registry import check_model
 
     if dtype != "fp32":
         raise SdwbError(f"--dtype {dtype}: --backend {backend} runs the export's own precision (exports "
@@ -308,7 +309,7 @@ def config_check(
     set_: SetOption = None,
 ) -> None:
     """Validate a recipe and print it resolved (defaults filled in, --set applied) as YAML."""
-    from sdwb.config import config_hash, load_recipe, resolved_yaml
+    from sdwb.app.recipe_schema import config_hash, load_recipe, resolved_yaml
 
     recipe = load_recipe(file, set_)
     typer.echo(f"# {file}: valid; config hash {config_hash(recipe)}")
@@ -341,8 +342,8 @@ def run(
     from rich.console import Console
 
     from bench.results import python_command
-    from sdwb.config import load_recipe
-    from sdwb.recipe_run import plan, recipe_path, run_recipe
+    from sdwb.app.recipe_run import plan, recipe_path, run_recipe
+    from sdwb.app.recipe_schema import load_recipe
 
     path = recipe_file if recipe_file.exists() else recipe_path(str(recipe_file))
     recipe = load_recipe(path, set_)
@@ -354,7 +355,7 @@ def run(
         return
     if not recipe.stages:
         raise SdwbError(f"{path}: the recipe has no stages to run")
-    from bench.cli import _quiet_library_progress
+    from sdwb.app.bench_cli import _quiet_library_progress
 
     _quiet_library_progress()
     result = run_recipe(recipe, store=store, out=out, progress=progress, command=python_command(),

@@ -1,6 +1,6 @@
 """``sdwb compress quantize`` / ``prune`` / ``distill`` (a typer sub-app): a model + method in, a variant out.
 
-Why a sub-app here: the compress stage owns its commands; ``sdwb/cli.py`` mounts it with
+Why a sub-app: one module per verb group of the application layer; ``sdwb/app/cli.py`` mounts it with
 ``app.add_typer(compress_app, name="compress")``. Errors are :class:`SdwbError` and reach the
 root CLI's one-line ``error:`` handler unchanged.
 """
@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from sdwb.errors import SdwbError
+from sdwb.quant.config import methods_help
 
 compress_app = typer.Typer(
     help="Compress a model into a variant: quantize, prune, distill.",
@@ -40,7 +41,7 @@ def _set_option(example: str):
 def _components(text: Optional[str]) -> Optional[list[str]]:
     if text is None:
         return None
-    from compress.quant_config import COMPONENTS
+    from sdwb.quant.config import COMPONENTS
 
     names = [c.strip() for c in text.split(",") if c.strip()]
     bad = [c for c in names if c not in COMPONENTS]
@@ -59,7 +60,7 @@ def _quiet_libraries(method: str) -> None:
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     if method.startswith("torchao-"):
-        from compress.quant_torch import _torchao
+        from sdwb.quant.torch_methods import _torchao
 
         try:
             _torchao()
@@ -78,14 +79,7 @@ def quantize_command(
             help="builtin:NAME, a diffusers dir, an ONNX export (ort-* methods) or a cached hub id.",
         ),
     ] = "builtin:tiny-shapes",
-    method: Annotated[
-        Optional[str],
-        typer.Option(
-            help="torch-bf16 | torch-fp16 | torch-int8-dynamic | "
-            "torchao-int8-weight-only | torchao-int4-weight-only | "
-            "ort-int8-dynamic | ort-int8-static | ort-fp16."
-        ),
-    ] = None,
+    method: Annotated[Optional[str], typer.Option(help=f"{methods_help()}.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="configs/quantize/*.yaml.")] = None,
     components: Annotated[
         Optional[str], typer.Option(help="Comma list of unet,text_encoder,vae_decoder (default: unet).")
@@ -102,8 +96,9 @@ def quantize_command(
     torch methods write a diffusers directory (loads with `sdwb generate --model DIR`, benches with
     `sdwb bench`); ort-* methods write an ONNX export (`--backend onnxruntime`).
     """
-    from compress.quant_config import backend_of, load_quant_config
     from compress.quantize import quantize
+    from export.onnx import export_onnx
+    from sdwb.quant.config import backend_of, load_quant_config
 
     if method is None and config is None:
         raise SdwbError("give --method METHOD or --config FILE (configs/quantize/*.yaml)")
@@ -117,7 +112,8 @@ def quantize_command(
     from rich.console import Console
 
     with Console().status(f"quantizing {model} ({cfg.method})", spinner="dots") as status:
-        variant = quantize(model, cfg, output, overwrite=overwrite, progress=lambda m: status.update(m))
+        variant = quantize(model, cfg, output, overwrite=overwrite, progress=lambda m: status.update(m),
+                           exporter=export_onnx)
     m = variant.metrics
     guard = m.get("guard")
     guard_text = (

@@ -1,0 +1,84 @@
+"""Hashes of a variant's files, their verification, and the library versions a record keeps.
+
+One function of each: :func:`hash_files` is what ``sdwb.json`` and ``manifest.json`` list,
+:func:`verify_files` refuses a missing, truncated (size first, so it is named as such) or
+modified file, :func:`library_versions` is what every record says it was made with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from sdwb.errors import SdwbError
+
+MB = 2**20
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".onnx_data", ".data", ".plan")
+LIBRARIES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript",
+             "torchao", "tensorrt", "numpy")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_files(root: Path, skip: Sequence[str] = ()) -> dict[str, dict]:
+    """``{relative posix path: {"sha256", "size"}}`` of every file under ``root`` except ``skip``."""
+    return {
+        p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() not in skip
+    }
+
+
+def verify_files(directory: Path, files: dict, listed_in: Path, *, event: str) -> None:
+    """Refuse a file of ``files`` (``{rel: {"sha256", "size"}}``, as listed in ``listed_in``) that is
+    missing, of another size (checked first, so truncation is named) or of another sha256.
+    ``event`` is what wrote the list ("export", "the variant was written")."""
+    for rel, meta in files.items():
+        path = directory / rel
+        if not path.is_file():
+            raise SdwbError(f"{path}: missing (listed in {listed_in})")
+        size = path.stat().st_size
+        if size != meta["size"]:
+            raise SdwbError(f"{path}: {size} bytes, {listed_in.name} says {meta['size']} (truncated or "
+                            f"modified after {event})")
+        if sha256_file(path) != meta["sha256"]:
+            raise SdwbError(f"{path}: sha256 differs from {listed_in} (modified after {event})")
+
+
+def library_versions(extra: Iterable[str] = ()) -> dict[str, str]:
+    """Versions of sdwb and of every installed library a variant or export depends on."""
+    import importlib.metadata as md
+
+    import sdwb
+
+    out = {"sdwb": sdwb.__version__}
+    for dist in (*LIBRARIES, *extra):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """Weight files of a model directory; per folder safetensors win over other formats."""
+    files: list[Path] = []
+    folders = sorted({p.parent for p in directory.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()})
+    for folder in folders:
+        here = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        safe = [p for p in here if p.suffix == ".safetensors"]
+        files += safe or here
+    return files
+
+
+def weights_mb(path: Path) -> float:
+    """MB of the weight files under ``path`` (what "size on disk" means in records and results)."""
+    return sum(f.stat().st_size for f in weight_files(path)) / MB
