@@ -325,6 +325,17 @@ def rounds_latency_checks(
     return checks
 
 
+def _reported_only(metric: str, base: list[float], cand: list[float], stats: Statistics) -> Check:
+    """A latency ratio shown with its interval but not judged (``file_latency_pct: null``)."""
+    if len(base) < 2 or len(cand) < 2:
+        return Check(metric, "skipped", None, None, "", "not gated", "no per-run samples in one of the files")
+    ratio, lo, hi = bootstrap_ratio(base, cand, confidence=stats.confidence, resamples=stats.resamples,
+                                    seed=stats.seed)
+    change = f"{(ratio - 1) * 100:+.1f} % [{(lo - 1) * 100:+.1f}, {(hi - 1) * 100:+.1f}]"
+    return Check(metric, "skipped", float(np.median(base)), float(np.median(cand)), change, "not gated",
+                 "reported only (file_latency_pct: null): same CPU, but timed at another time")
+
+
 def file_latency_checks(
     base_samples: dict, cand_samples: dict, config: GateConfig, mismatch: str | None, *, prefix: str = ""
 ) -> list[Check]:
@@ -335,6 +346,9 @@ def file_latency_checks(
     if mismatch is not None:
         return [Check(name, "skipped", None, None, "", "not judged", f"not comparable ({mismatch})")
                 for name in names]
+    if t.file_latency_pct is None:  # reported for the reader, never decided on
+        return [_reported_only(name, base_samples.get(key, []), cand_samples.get(key, []), config.statistics)
+                for name, key in zip(names, ("e2e_s", "unet_ms"))]
     unet_pct = t.file_latency_pct if t.unet_latency_pct is not None else None
     return [
         _latency_check(names[0], base_samples.get("e2e_s", []), cand_samples.get("e2e_s", []),
@@ -536,8 +550,9 @@ def write_json(path: str | Path, checks: list[Check], outcome: str, context: lis
 def summary_line(checks: list[Check], outcome: str) -> str:
     """One line for the terminal: the outcome, each gated metric's change, and each latency that
     was not comparable (so a skipped latency check is never silent)."""
-    parts = [f"{c.metric} {c.change} ({c.status})" if c.status != "skipped" else f"{c.metric}: {c.detail}"
-             for c in checks if c.status != "skipped" or c.detail.startswith("not comparable")]
+    parts = [f"{c.metric} {c.change} ({c.status})" if c.status != "skipped" else
+             f"{c.metric} {c.change} (not gated)" if c.change else f"{c.metric}: {c.detail}"
+             for c in checks if c.status != "skipped" or c.change or c.detail.startswith("not comparable")]
     return f"gate {'REGRESSION' if outcome == 'regression' else 'passed'}: " + "; ".join(parts)
 
 
