@@ -129,9 +129,10 @@ def _gate(
             checks += gate.row_checks(base_row, cand_row, cfg)
     outcome = gate.verdict(checks)
     t = cfg.thresholds
+    file_limit = f"+{t.file_latency_pct} %" if t.file_latency_pct is not None else "reported, not judged"
     context.append(
-        f"thresholds: latency measured now +{t.latency_pct} %, against a file on the same CPU "
-        f"+{t.file_latency_pct} %, memory +{t.memory_pct} %, CLIP -{t.clip_drop}, accuracy "
+        f"thresholds: latency measured now +{t.latency_pct} % ({cfg.statistics.rule}), against a file on the "
+        f"same CPU {file_limit}, memory +{t.memory_pct} %, CLIP -{t.clip_drop}, accuracy "
         f"-{t.accuracy_drop} points; {cfg.statistics.confidence:.0%} bootstrap, "
         f"{cfg.statistics.resamples} resamples"
     )
@@ -180,7 +181,7 @@ def _ab_rev(gate, cfg, rev, out, inject_slowdown, progress, context, record) -> 
     base, head = measure_revisions(rev, m, m.model, out / "ab-rev", inject_slowdown=inject_slowdown, log=log)
     sides = write_sides(out / "ab-rev" / "sides.json", base, head, {"inject_slowdown": inject_slowdown})
     context += [
-        f"latency measured now, alternating subprocesses: base = revision {base.revision}, head = the "
+        f"latency measured now, worker processes taking turns: base = revision {base.revision}, head = the "
         f"working tree ({head.revision}); `{m.model}`, {m.rounds} rounds; samples in `{sides}`",
         gate.describe_side("base", base.environment),
         gate.describe_side("head", head.environment),
