@@ -23,6 +23,8 @@ e.g. freshly initialised norm weights, once, and adds a few float constants).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -45,13 +47,49 @@ def _open_tensorrt(directory, *, device: str = "cpu", threads: int | None = None
     return TrtRunner.from_engines(directory, device=device if str(device).startswith("cuda") else "cuda")
 
 
-# The table of backends that run an export: name -> opener. ``torch`` runs a model spec through
-# ``sdwb.loading``. A new backend is one module under sdwb/backends/ and one row here (plus what
-# check_model accepts for it); the CLI's choices, the bench and gate schemas and the memory probe
-# read BACKENDS.
-OPENERS = {"onnxruntime": _open_onnxruntime, "tensorrt": _open_tensorrt}
-BACKENDS = ("torch", *OPENERS)
-EXPORTED_BACKENDS = tuple(OPENERS)
+def _require_tensorrt() -> None:
+    from sdwb.backends.tensorrt import require_tensorrt
+
+    require_tensorrt()  # no GPU / no tensorrt: the runner's one-line reason, before anything else
+
+
+@dataclass(frozen=True)
+class ExportedBackend:
+    """One row of the backends table: how to open what the backend runs, the manifest ``format`` of
+    that directory, and what to say when a model is not one (``{flag}`` and ``{spec}`` are filled
+    in): ``wrong`` per format found instead, ``missing`` otherwise. ``requires`` is checked first."""
+
+    open: Callable
+    format: str
+    missing: str
+    wrong: dict[str, str] = field(default_factory=dict)
+    requires: Callable[[], None] | None = None
+
+
+# The backends table: name -> row. ``torch`` runs a model spec through ``sdwb.loading``. A new
+# backend is one module under sdwb/backends/ and one row here; the CLI's choices, the bench and gate
+# schemas and the memory probe read BACKENDS.
+TABLE: dict[str, ExportedBackend] = {
+    "onnxruntime": ExportedBackend(
+        open=_open_onnxruntime,
+        format=ONNX_FORMAT,
+        missing="{flag} {spec}: not an ONNX export directory (no sdwb manifest.json); run "
+                "`sdwb export onnx --model {spec} -o DIR` first, then pass {flag} DIR",
+        wrong={ENGINE_FORMAT: "{flag} {spec}: a TensorRT engine directory; --backend onnxruntime needs an "
+                              "ONNX export (the --onnx directory those engines were built from)"},
+    ),
+    "tensorrt": ExportedBackend(
+        open=_open_tensorrt,
+        format=ENGINE_FORMAT,
+        missing="{flag} {spec}: not a TensorRT engine directory; run `sdwb export onnx --model {spec} "
+                "-o ONNX` and `sdwb export tensorrt --onnx ONNX -o DIR` first, then pass {flag} DIR",
+        wrong={ONNX_FORMAT: "{flag} {spec}: an ONNX export, not TensorRT engines; run "
+                            "`sdwb export tensorrt --onnx {spec} -o DIR` first, then pass {flag} DIR"},
+        requires=_require_tensorrt,
+    ),
+}
+BACKENDS = ("torch", *TABLE)
+EXPORTED_BACKENDS = tuple(TABLE)
 Backend = Literal[BACKENDS]  # the schemas' type of a backend name (bench scenarios, recipes, gate)
 
 
@@ -78,25 +116,13 @@ def check_model(backend: str, spec: str | Path, flag: str = "--model") -> Path |
         raise SdwbError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return None
+    row = TABLE[backend]
+    if row.requires is not None:
+        row.requires()
     found = manifest_format(spec)
-    if backend == "onnxruntime":
-        if found == ONNX_FORMAT:
-            return Path(str(spec)).expanduser()
-        if found == ENGINE_FORMAT:
-            raise SdwbError(f"{flag} {spec}: a TensorRT engine directory; --backend onnxruntime needs an "
-                            "ONNX export (the --onnx directory those engines were built from)")
-        raise SdwbError(f"{flag} {spec}: not an ONNX export directory (no sdwb manifest.json); run "
-                        f"`sdwb export onnx --model {spec} -o DIR` first, then pass {flag} DIR")
-    from sdwb.backends.tensorrt import require_tensorrt
-
-    require_tensorrt()  # no GPU / no tensorrt: the runner's one-line reason, before anything else
-    if found == ENGINE_FORMAT:
+    if found == row.format:
         return Path(str(spec)).expanduser()
-    if found == ONNX_FORMAT:
-        raise SdwbError(f"{flag} {spec}: an ONNX export, not TensorRT engines; run "
-                        f"`sdwb export tensorrt --onnx {spec} -o DIR` first, then pass {flag} DIR")
-    raise SdwbError(f"{flag} {spec}: not a TensorRT engine directory; run `sdwb export onnx --model {spec} "
-                    f"-o ONNX` and `sdwb export tensorrt --onnx ONNX -o DIR` first, then pass {flag} DIR")
+    raise SdwbError(row.wrong.get(found, row.missing).format(flag=flag, spec=spec))
 
 
 def providers_for(device: str) -> list[str] | None:
@@ -111,11 +137,11 @@ def providers_for(device: str) -> list[str] | None:
 def open_exported(backend: str, directory: str | Path, *, device: str = "cpu", threads: int | None = None):
     """An :class:`sdwb.backends.onnxruntime.ExportedPipeline` for an export (onnxruntime) or engines
     (tensorrt). ``threads``: ONNX Runtime intra-op threads per session (None: one per core)."""
-    opener = OPENERS.get(backend)
-    if opener is None:
+    row = TABLE.get(backend)
+    if row is None:
         raise SdwbError(f"backend {backend}: not an exported backend (expected "
                         f"{', '.join(EXPORTED_BACKENDS)})")
-    return opener(directory, device=device, threads=threads)
+    return row.open(directory, device=device, threads=threads)
 
 
 def cached_export_reason(directory: Path, spec: str, max_batch: int) -> str | None:
