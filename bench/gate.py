@@ -73,7 +73,7 @@ class Statistics(BaseModel):
     resamples: int = Field(4000, ge=200, le=100_000)
     seed: int = Field(0, ge=0)
     min_runs: int = Field(5, ge=2, description="fewer timed runs per side than this is an error")
-    min_rounds: int = Field(4, ge=2, description="--ab-rev: fewer subprocess pairs than this is an error")
+    min_rounds: int = Field(4, ge=2, description="--ab-rev: fewer rounds than this is an error")
     rule: Literal["interval-above-limit", "significant-and-above-limit"] = Field(
         "interval-above-limit",
         description="when a latency ratio is a regression: the whole interval lies above 1 + limit; or "
@@ -158,7 +158,7 @@ def paired_rounds_ratio(
 ) -> tuple[float, float, float]:
     """``(ratio, lo, hi)`` for rounds of paired measurements (``sdwb gate --ab-rev``).
 
-    Round ``i`` holds the timed runs of one baseline and one candidate subprocess that ran back to
+    Round ``i`` holds the timed runs of one baseline and one candidate `sdwb bench` run made back to
     back; its ratio is median(candidate runs) / median(baseline runs). The estimate is the median
     of the rounds' ratios, and the interval a percentile bootstrap of that median over rounds
     (rounds resampled with replacement, each keeping its pair together). Pairing is what makes
@@ -293,8 +293,13 @@ def _ratio_check(
     else:
         regression = lo > bound
     status: Status = "regression" if regression else "inconclusive" if hi > bound else "pass"
-    change = f"{(ratio - 1) * 100:+.1f} % [{(lo - 1) * 100:+.1f}, {(hi - 1) * 100:+.1f}]"
-    return Check(metric, status, base, cand, change, f"+{pct:g} %", detail)
+    return Check(metric, status, base, cand, _change_text(interval), f"+{pct:g} %", detail)
+
+
+def _change_text(interval: tuple[float, float, float]) -> str:
+    """``+12.3 % [+8.1, +16.0]``: a ratio and its interval as a change in per cent."""
+    ratio, lo, hi = interval
+    return f"{(ratio - 1) * 100:+.1f} % [{(lo - 1) * 100:+.1f}, {(hi - 1) * 100:+.1f}]"
 
 
 def rounds_latency_checks(
@@ -329,10 +334,10 @@ def _reported_only(metric: str, base: list[float], cand: list[float], stats: Sta
     """A latency ratio shown with its interval but not judged (``file_latency_pct: null``)."""
     if len(base) < 2 or len(cand) < 2:
         return Check(metric, "skipped", None, None, "", "not gated", "no per-run samples in one of the files")
-    ratio, lo, hi = bootstrap_ratio(base, cand, confidence=stats.confidence, resamples=stats.resamples,
-                                    seed=stats.seed)
-    change = f"{(ratio - 1) * 100:+.1f} % [{(lo - 1) * 100:+.1f}, {(hi - 1) * 100:+.1f}]"
-    return Check(metric, "skipped", float(np.median(base)), float(np.median(cand)), change, "not gated",
+    interval = bootstrap_ratio(base, cand, confidence=stats.confidence, resamples=stats.resamples,
+                               seed=stats.seed)
+    return Check(metric, "skipped", float(np.median(base)), float(np.median(cand)), _change_text(interval),
+                 "not gated",
                  "reported only (file_latency_pct: null): same CPU, but timed at another time")
 
 

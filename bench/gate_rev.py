@@ -92,24 +92,18 @@ class Side:
         return [r.get(key, []) for r in self.rounds]
 
 
-def _git(args: list[str], cwd: Path) -> str:
-    try:
-        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise SdwbError(f"--ab-rev: git is not usable here ({e})") from None
-    if done.returncode != 0:
-        raise SdwbError(f"--ab-rev: git {' '.join(args)}: {done.stderr.strip().splitlines()[-1:] or '?'}")
-    return done.stdout
-
-
 def resolve_revision(rev: str, repo: Path = REPO_ROOT) -> str:
     """The full commit hash of ``rev`` (a hash, ``HEAD~1``, a tag), or a one-line error."""
     if not rev or rev.startswith("-"):
         raise SdwbError(f"--ab-rev {rev!r}: expected a git revision such as HEAD~1 or a commit hash")
     try:
-        return _git(["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], repo).strip()
-    except SdwbError:
-        raise SdwbError(f"--ab-rev {rev}: not a commit of the repository at {repo}") from None
+        done = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=repo,
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise SdwbError(f"--ab-rev: git is not usable here ({e})") from None
+    if done.returncode != 0:
+        raise SdwbError(f"--ab-rev {rev}: not a commit of the repository at {repo}")
+    return done.stdout.strip()
 
 
 def checkout_revision(commit: str, dest: Path, repo: Path = REPO_ROOT) -> Path:
@@ -217,13 +211,14 @@ def measure_revisions(base_rev: str, measure, model: str, out: Path, *, inject_s
     and the working tree's, over ``measure.processes`` pairs of worker processes.
     ``inject_slowdown`` slows the head side's UNet calls (the gate's self-test)."""
     commit = resolve_revision(base_rev, repo)
-    head_rev = _git(["rev-parse", "--short=12", "HEAD"], repo).strip()
-    dirty = _git(["status", "--porcelain", "--untracked-files=no"], repo).strip()
+    from bench.results import git_revision
+
+    head_rev = git_revision(repo) or "unknown"
     scratch = Path(tempfile.mkdtemp(prefix="sdwb-gate-rev-"))
     out.mkdir(parents=True, exist_ok=True)
     try:
         base = Side("base", f"{base_rev} = {commit[:12]}", checkout_revision(commit, scratch / "tree", repo))
-        head = Side("head", head_rev + ("-dirty" if dirty else ""), repo)
+        head = Side("head", head_rev, repo)
         per_process = -(-measure.rounds // measure.processes)
 
         def bench(worker: _Worker, name: str) -> Path:

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from sdwb.errors import SdwbError
-from sdwb.variants.files import MB, weight_files
+from sdwb.variants.files import MB, weights_mb
 
 PROBE_MARK = "SDWB_PROBE "
 
@@ -83,7 +83,7 @@ def size_on_disk_mb(spec: str) -> float | None:
         return None
     if path.is_file():
         return path.stat().st_size / MB
-    return sum(f.stat().st_size for f in weight_files(path)) / MB
+    return weights_mb(path)
 
 
 def param_counts(pipe) -> dict[str, float]:

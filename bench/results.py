@@ -89,8 +89,10 @@ def _memory_gb() -> float | None:
     return None
 
 
-def _git_revision() -> str | None:
-    root = Path(__file__).resolve().parent.parent
+def git_revision(root: Path | None = None) -> str | None:
+    """``HEAD``'s short hash of the repository at ``root`` (default: this checkout), ``-dirty`` when
+    tracked files differ from it; None outside a git checkout."""
+    root = root or Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=10)
@@ -133,7 +135,7 @@ def environment() -> dict[str, Any]:
                "count": torch.cuda.device_count(), "cuda": torch.version.cuda}
     return {
         "sdwb": __version__,
-        "git_revision": _git_revision(),
+        "git_revision": git_revision(),
         "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "python": platform.python_version(),

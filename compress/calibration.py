@@ -122,7 +122,7 @@ def _record_exported(pipe, keep: set[int], log: list, latents: list):
 
 def record_trajectories(pipe, config: CalibrationConfig, progress=None) -> CalibrationSet:
     """Run the float pipeline on the calibration prompts; record the inputs of every component."""
-    from sdwb.generate import make_scheduler
+    from sdwb.generate import make_scheduler, scheduler_swapped
 
     prompts = calibration_prompts(config.prompts, config.prompt_offset)
     keep = set(selected_steps(config.steps, config.timesteps))
@@ -137,22 +137,17 @@ def record_trajectories(pipe, config: CalibrationConfig, progress=None) -> Calib
     recorder = _record_exported if exported else _record_torch
     for i, prompt in enumerate(prompts):
         generator = torch.Generator("cpu").manual_seed(config.seed + i)
-        with recorder(pipe, keep, unet_feeds, latents), torch.inference_mode():
-            original = pipe.scheduler  # every backend's pipeline: one call contract, swappable scheduler
-            pipe.scheduler = make_scheduler(config.scheduler, original.config)
-            pipe.set_progress_bar_config(disable=True)
-            try:
-                pipe(
-                    [prompt],
-                    num_inference_steps=config.steps,
-                    guidance_scale=config.guidance,
-                    generator=[generator],
-                    output_type="np",
-                    height=config.height,
-                    width=config.width,
-                )
-            finally:
-                pipe.scheduler = original
+        with recorder(pipe, keep, unet_feeds, latents), scheduler_swapped(pipe, config.scheduler), \
+                torch.inference_mode():
+            pipe(
+                [prompt],
+                num_inference_steps=config.steps,
+                guidance_scale=config.guidance,
+                generator=[generator],
+                output_type="np",
+                height=config.height,
+                width=config.width,
+            )
         if progress:
             progress(f"calibration trajectory {i + 1}/{len(prompts)}")
     texts = prompts + ([""] if config.guidance > 1.0 else [])

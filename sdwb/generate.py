@@ -45,6 +45,20 @@ def make_scheduler(name: str, config):
 
 
 @contextlib.contextmanager
+def scheduler_swapped(pipe, name: str):
+    """``with scheduler_swapped(pipe, "ddim"):`` the pipeline samples with a fresh scheduler of kind
+    ``name`` (built from its own scheduler's config) and draws no progress bar of its own; its
+    scheduler is restored afterwards. Every backend's pipeline has a swappable ``scheduler``."""
+    original = pipe.scheduler
+    pipe.scheduler = make_scheduler(name, original.config)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        yield pipe.scheduler
+    finally:
+        pipe.scheduler = original
+
+
+@contextlib.contextmanager
 def _progress(enabled: bool, total: int):
     """A rich progress bar over denoising steps; yields an ``advance()`` callable."""
     if not enabled:
@@ -105,38 +119,32 @@ def generate(
     prompts = list(prompts)
     if steps < 1 or batch < 1:
         raise SdwbError(f"steps and batch must be >= 1 (got steps={steps}, batch={batch})")
-    new_scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-    original = pipe.scheduler
-    pipe.scheduler = new_scheduler
-    pipe.set_progress_bar_config(disable=True)
     images: list = []
-    try:
-        with _progress(progress, len(prompts) * steps) as advance, torch.inference_mode():
+    with scheduler_swapped(pipe, scheduler), _progress(progress, len(prompts) * steps) as advance, \
+            torch.inference_mode():
 
-            def on_step(_pipe, _i, _t, kwargs):
-                advance()
-                return kwargs
+        def on_step(_pipe, _i, _t, kwargs):
+            advance()
+            return kwargs
 
-            for start in range(0, len(prompts), batch):
-                chunk = prompts[start : start + batch]
-                generators = [torch.Generator("cpu").manual_seed(seed + start + j) for j in range(len(chunk))]
-                out = pipe(
-                    chunk,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    generator=generators,
-                    height=height,
-                    width=width,
-                    output_type="np",
-                    callback_on_step_end=on_step,
-                ).images
-                if not np.isfinite(out).all():
-                    first = start + int(np.argmax(~np.isfinite(out).reshape(len(chunk), -1).all(axis=1)))
-                    raise SdwbError(
-                        f"generation produced NaN/inf for prompt {first} ('{prompts[first]}') with "
-                        f"scheduler {scheduler}, {steps} steps, {_describe(pipe)}"
-                    )
-                images += [Image.fromarray((img * 255).round().clip(0, 255).astype(np.uint8)) for img in out]
-    finally:
-        pipe.scheduler = original
+        for start in range(0, len(prompts), batch):
+            chunk = prompts[start : start + batch]
+            generators = [torch.Generator("cpu").manual_seed(seed + start + j) for j in range(len(chunk))]
+            out = pipe(
+                chunk,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generators,
+                height=height,
+                width=width,
+                output_type="np",
+                callback_on_step_end=on_step,
+            ).images
+            if not np.isfinite(out).all():
+                first = start + int(np.argmax(~np.isfinite(out).reshape(len(chunk), -1).all(axis=1)))
+                raise SdwbError(
+                    f"generation produced NaN/inf for prompt {first} ('{prompts[first]}') with "
+                    f"scheduler {scheduler}, {steps} steps, {_describe(pipe)}"
+                )
+            images += [Image.fromarray((img * 255).round().clip(0, 255).astype(np.uint8)) for img in out]
     return images

@@ -5,8 +5,8 @@ Three sources of a decision, and latency is only ever judged between measurement
 - ``--baseline FILE --candidate FILE``: saved results (a committed baseline, a fresh ``sdwb
   bench``). Memory and quality are compared; latency only when both files record the same CPU
   model, CPU flags and thread count, otherwise it is reported as "not comparable" and not judged.
-- ``--ab-rev BASE``: the code of git revision BASE and the working tree, timed now in alternating
-  subprocesses (:mod:`bench.gate_rev`): the latency decision CI makes. Combines with the files
+- ``--ab-rev BASE``: the code of git revision BASE and the working tree, timed now by worker
+  processes taking turns (:mod:`bench.gate_rev`): the latency decision CI makes. Combines with the files
   form, which then supplies memory and quality.
 - ``--ab BASELINE CANDIDATE``: two models timed now, interleaved in this process.
 
@@ -37,7 +37,7 @@ def gate_command(
         typer.Option(
             "--ab-rev",
             metavar="REV",
-            help="Time git revision REV's code and the working tree's now, in alternating subprocesses "
+            help="Time git revision REV's code and the working tree's now, in worker processes taking turns "
             "(measure.model, measure.rounds); the latency decision of CI.",
         ),
     ] = None,
@@ -169,7 +169,7 @@ def _ab(gate, cfg, ab, out, inject_slowdown, progress, context) -> list:
 
 
 def _ab_rev(gate, cfg, rev, out, inject_slowdown, progress, context, record) -> list:
-    """``--ab-rev``: revision ``rev``'s code and the working tree's, in alternating subprocesses."""
+    """``--ab-rev``: revision ``rev``'s code and the working tree's, in worker processes taking turns."""
     from bench.gate_rev import measure_revisions, resolve_revision, write_sides
 
     m = cfg.measure

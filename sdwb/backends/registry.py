@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Literal
 
 from sdwb.errors import SdwbError
+from sdwb.variants.files import MB
 from sdwb.variants.manifest import ENGINE_FORMAT
 from sdwb.variants.manifest import EXPORT_FORMAT as ONNX_FORMAT
-
-MB = 2**20
 
 
 def _open_onnxruntime(directory, *, device: str = "cpu", threads: int | None = None):
