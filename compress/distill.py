@@ -13,6 +13,10 @@ With ``method: lcm`` there is one "round": latent consistency distillation again
 teacher's ``teacher_steps`` grid (:mod:`compress.lcm`), an EMA target network beside the student,
 saved with diffusers' ``LCMScheduler``.
 
+Each method is registered in :mod:`compress.distill_methods` (its schedule check, rounds, loss,
+scheduler and inference defaults: :mod:`compress.progressive`, :mod:`compress.lcm`); the loop
+here trains any of them.
+
 Only the UNet trains; the VAE and text encoder are the source's, frozen. Data: the shapes train
 stream encoded once by the model's own VAE into a latent pool (posterior mean and std, a fresh
 draw each step), captions tokenized as ``StableDiffusionPipeline`` does. Every random draw is a
@@ -43,18 +47,10 @@ from pathlib import Path
 
 import torch
 
-from compress.ddim_targets import (
-    Grid,
-    check_nested,
-    ddim_grid,
-    ddim_step,
-    loss_weight,
-    split,
-    student_scheduler_config,
-    student_target,
-)
+from compress.ddim_targets import Grid, ddim_grid, student_scheduler_config
 from compress.distill_config import DistillConfig, resolved
-from compress.lcm import check_lcm_grid, lcm_loss, update_target
+from compress.distill_methods import METHODS
+from compress.lcm import update_target
 from sdwb.errors import SdwbError
 
 STUDENT_FILE = "student.safetensors"
@@ -82,65 +78,9 @@ class RoundPlan:
     prediction_type: str
     weighting: str
     precision: str = "fp32"
-    lcm_scheduler: object = None  # lcm: the student's LCMScheduler; ``teacher`` is then the ODE grid
+    method: str = "progressive"  # a name in compress.distill_methods.METHODS
+    scheduler: object = None  # the student's scheduler (lcm: its LCMScheduler; ``teacher`` is the ODE grid)
     huber_c: float = 0.001
-
-    @property
-    def method(self) -> str:
-        return "lcm" if self.lcm_scheduler is not None else "progressive"
-
-
-# --------------------------------------------------------------------------- the loss
-
-
-def _unet(unet, z, t, context, precision: str) -> torch.Tensor:
-    from sdwb.train.common import autocast
-
-    with autocast(z.device, precision):
-        return unet(z, t, encoder_hidden_states=context).sample.float()
-
-
-@torch.no_grad()
-def teacher_prediction(teacher, z, t, cond, uncond, guidance: float, precision: str = "fp32"):
-    """The teacher's output at ``t``: conditional, or guided ``uncond + w (cond - uncond)`` (one 2B call)."""
-    if guidance <= 1.0 or uncond is None:
-        return _unet(teacher, z, t, cond, precision)
-    both = _unet(teacher, torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond, cond]), precision)
-    u, c = both.chunk(2)
-    return u + guidance * (c - u)
-
-
-@torch.no_grad()
-def teacher_two_steps(teacher, z_t, j, cond, uncond, plan: RoundPlan) -> torch.Tensor:
-    """Two teacher DDIM steps from student grid point ``j`` (per sample): teacher points 2j, 2j+1."""
-    tg = plan.teacher
-    i0, i1 = 2 * j, 2 * j + 1
-    pred = teacher_prediction(teacher, z_t, tg.timesteps[i0].to(z_t.device), cond, uncond, plan.guidance,
-                              plan.precision)
-    z_mid = ddim_step(pred, z_t, tg.alpha_bar[i0], tg.alpha_bar_prev[i0], plan.prediction_type)
-    pred = teacher_prediction(teacher, z_mid, tg.timesteps[i1].to(z_t.device), cond, uncond, plan.guidance,
-                              plan.precision)
-    return ddim_step(pred, z_mid, tg.alpha_bar[i1], tg.alpha_bar_prev[i1], plan.prediction_type)
-
-
-def round_loss(student, teacher, x0, noise, j, cond, uncond, plan: RoundPlan):
-    """``(loss, per-sample x-space error)`` of one batch: Algorithm 2 of Salimans & Ho.
-
-    ``x0`` clean (scaled) latents, ``noise`` their epsilon, ``j`` student grid indices,
-    ``cond``/``uncond`` text embeddings (``uncond`` only used by a guided teacher).
-    """
-    sg = plan.student
-    abar_t = sg.alpha_bar[j]
-    a = abar_t.to(x0.device).reshape(-1, 1, 1, 1)
-    z_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    t = sg.timesteps[j].to(x0.device)
-    z_target = teacher_two_steps(teacher, z_t, j, cond, uncond, plan)
-    x0_target, _ = student_target(z_t, z_target, abar_t, sg.alpha_bar_prev[j], plan.prediction_type)
-    pred = _unet(student, z_t, t, cond, plan.precision)
-    x0_pred, _ = split(pred, z_t, abar_t, plan.prediction_type)
-    per_sample = (x0_pred - x0_target).pow(2).mean(dim=(1, 2, 3))
-    weights = loss_weight(abar_t, plan.weighting).to(per_sample.device)
-    return (weights * per_sample).mean(), per_sample.detach()
 
 
 # --------------------------------------------------------------------------- data
@@ -214,7 +154,7 @@ def _absorbed_guidance(config: DistillConfig, parent: dict) -> float | None:
         raise SdwbError(f"{parent['spec']}: a {known['steps']}-step student; distil it further with "
                         f"--teacher-steps {known['steps']} (got {config.teacher_steps})")
     absorbed = known.get("guidance_distilled")
-    if config.guidance_distill and absorbed and config.method != "lcm":
+    if config.guidance_distill and absorbed and not METHODS[config.method].guidance_every_run:
         raise SdwbError(f"{parent['spec']}: guidance {absorbed:g} is already distilled into it; use "
                         "--no-guidance-distill (its students keep guidance 1.0)")
     return absorbed
@@ -260,8 +200,9 @@ class _Round:
         self.teacher, self.student, self.text_encoder = teacher, student, text_encoder
         self.pool, self.empty_ids, self.scaling = pool, empty_ids, scaling
         self.accelerator = accelerator
-        # lcm: the target network (an EMA of the student, stop-gradient) the consistency target uses
-        self.target = (copy.deepcopy(student).eval().requires_grad_(False) if plan.method == "lcm" else None)
+        # the target network (an EMA of the student, stop-gradient) the consistency target uses
+        self.target = (copy.deepcopy(student).eval().requires_grad_(False)
+                       if METHODS[plan.method].target_network else None)
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
         from sdwb.train.common import EMA
@@ -287,8 +228,7 @@ class _Round:
         drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
         if self.drop_captions:  # a student sampled with CFG keeps its unconditional branch
             ids[drop] = self.empty_ids
-        points = self.plan.teacher.steps if self.plan.method == "lcm" else self.plan.student.steps
-        j = torch.randint(0, points, (cfg.batch,), generator=gen)
+        j = torch.randint(0, METHODS[self.plan.method].points(self.plan), (cfg.batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         device = acc.device
         cond = self._embed(ids)
@@ -299,10 +239,7 @@ class _Round:
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * lr_factor
         x0, noise, j, cond, uncond = self.batch(step)
-        if self.plan.method == "lcm":
-            loss, per_sample = self._lcm_loss(x0, noise, j, cond, uncond)
-        else:
-            loss, per_sample = round_loss(self.model, self.teacher, x0, noise, j, cond, uncond, self.plan)
+        loss, per_sample = METHODS[self.plan.method].loss(self, x0, noise, j, cond, uncond)
         self.accelerator.backward(loss)
         self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
@@ -313,18 +250,6 @@ class _Round:
             update_target(self.target, self.student, self.config.target_ema)
             return {"loss": loss.item()}
         return {"loss": loss.item(), "x0_mse": per_sample.mean().item()}
-
-    def _lcm_loss(self, x0, noise, n, cond, uncond):
-        plan = self.plan
-
-        def teacher_fn(z, t):
-            return teacher_prediction(self.teacher, z, t, cond, uncond, plan.guidance, plan.precision)
-
-        def unet_fn(model, z, t):
-            return _unet(model, z, t, cond, plan.precision)
-
-        return lcm_loss(self.model, self.target, teacher_fn, unet_fn, x0, noise, n, plan.teacher,
-                        plan.lcm_scheduler, plan.huber_c)
 
 
 def _train_round(rnd: _Round, directory: Path, log_path: Path, progress: bool) -> dict:
@@ -399,23 +324,11 @@ def inference_defaults(config: DistillConfig, absorbed: float | None = None) -> 
     the guidance scale its (distilled) source already had distilled in."""
     distilled = config.guidance if config.guidance_distill else absorbed
     guidance = 1.0 if distilled else config.guidance
-    if config.method == "lcm":  # LCMScheduler on the teacher's grid (its saved scheduler config)
-        return {
-            "steps": config.student_steps,
-            "scheduler": "lcm",
-            "guidance": guidance,
-            "original_inference_steps": config.teacher_steps,
-            "guidance_distilled": absorbed or distilled,
-            "unet_calls_per_step": 1,
-            "unet_batch_per_image": 2 if guidance > 1.0 else 1,
-        }
     return {
         "steps": config.student_steps,
-        "scheduler": "ddim",
         "guidance": guidance,
-        "eta": 0.0,
-        "timestep_spacing": "trailing",
         "guidance_distilled": distilled,
+        **METHODS[config.method].inference(config, absorbed),
         "unet_calls_per_step": 1,
         "unet_batch_per_image": 2 if guidance > 1.0 else 1,
     }
@@ -449,22 +362,16 @@ def distill(
     if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
         raise SdwbError("the UNet has time_cond_proj_dim (a guidance-embedding student): not supported")
     sched_config = student_scheduler_config(pipe.scheduler.config)
+    method = METHODS[config.method]
+    scheduler = method.scheduler(sched_config, config)
     plans = []
-    lcm_scheduler = None
-    if config.method == "lcm":
-        from diffusers import LCMScheduler
-
-        lcm_scheduler = LCMScheduler.from_config(sched_config, original_inference_steps=config.teacher_steps)
     for r, (n_teacher, n_student) in enumerate(config.round_steps()):
         teacher_grid, student_grid = ddim_grid(sched_config, n_teacher), ddim_grid(sched_config, n_student)
-        if lcm_scheduler is not None:
-            check_lcm_grid(teacher_grid, sched_config["num_train_timesteps"])
-        else:
-            check_nested(teacher_grid, student_grid)
+        method.check_grids(teacher_grid, student_grid, sched_config["num_train_timesteps"])
         guided = config.guidance_distill and r == 0 and not absorbed
         plans.append(RoundPlan(teacher_grid, student_grid, config.guidance if guided else 1.0,
                                sched_config["prediction_type"], config.weighting, config.precision,
-                               lcm_scheduler, config.huber_c))
+                               config.method, scheduler, config.huber_c))
     _prepare_work(work, config, fingerprint)
 
     from sdwb.train.common import make_accelerator
@@ -508,9 +415,7 @@ def distill(
         current = student.eval().requires_grad_(False)
     pipe.unet = current.cpu().float()
     pipe.text_encoder = text_encoder.cpu()
-    from diffusers import DDIMScheduler
-
-    pipe.scheduler = lcm_scheduler if lcm_scheduler is not None else DDIMScheduler.from_config(sched_config)
+    pipe.scheduler = scheduler
     from sdwb.inference import attach
 
     inference = inference_defaults(config, absorbed)

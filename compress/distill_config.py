@@ -13,16 +13,17 @@ under a time budget is seeded but not bit-reproducible).
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from compress import lcm, progressive  # noqa: F401  (register the distillation methods)
+from compress.distill_methods import METHODS as REGISTRY
 from sdwb.errors import SdwbError
 
-METHODS = ("progressive", "lcm")
+METHODS = tuple(REGISTRY)  # progressive, lcm: every registered method
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)\s*$")
 _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -50,8 +51,8 @@ class DistillConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    method: Literal["progressive", "lcm"] = Field(
-        "progressive", description="progressive (halving rounds) | lcm (latent consistency distillation)")
+    method: Literal[METHODS] = Field(  # type: ignore[valid-type]
+        "progressive", description=" | ".join(f"{m.name} ({m.summary})" for m in REGISTRY.values()))
     teacher_steps: int = Field(64, ge=2, le=1000, description="DDIM steps of the teacher in round 1")
     student_steps: int = Field(4, ge=1, le=500, description="DDIM steps of the final student")
     guidance_distill: bool = Field(
@@ -95,42 +96,17 @@ class DistillConfig(BaseModel):
 
     @model_validator(mode="after")
     def _schedule(self) -> DistillConfig:
-        teacher, student = self.teacher_steps, self.student_steps
-        if self.method == "lcm":
-            if student > teacher:
-                raise ValueError(f"student_steps {student} must be at most teacher_steps {teacher} (the "
-                                 "LCMScheduler picks its steps from the teacher's grid)")
-            if "guidance_distill" in self.model_fields_set and not self.guidance_distill:
-                raise ValueError("method lcm always distils guidance (the student samples with guidance "
-                                 "1.0); drop guidance_distill: false, or set guidance: 1.0 for none")
-            if self.guidance_budget is not None:
-                raise ValueError("guidance_budget: method lcm has one run, set its length with budget")
-            self.guidance_distill = True
-            return self
-        if student >= teacher:
-            raise ValueError(
-                f"student_steps {student} must be fewer than teacher_steps {teacher} (each round halves "
-                "the steps)")
-        if teacher % student or not _power_of_two(teacher // student):
-            valid = ", ".join(str(teacher >> k) for k in range(1, 11) if teacher % (1 << k) == 0)
-            valid = valid or "none, use an even teacher_steps"
-            raise ValueError(
-                f"teacher_steps {teacher} / student_steps {student} must be a power of two (each round "
-                f"halves the steps; student_steps for {teacher}: {valid})")
+        REGISTRY[self.method].validate(self)
         return self
 
     @property
     def rounds(self) -> int:
-        """Number of halving rounds (lcm: one run)."""
-        if self.method == "lcm":
-            return 1
-        return int(math.log2(self.teacher_steps // self.student_steps))
+        """Number of rounds (progressive: halvings; lcm: one run)."""
+        return len(self.round_steps())
 
     def round_steps(self) -> list[tuple[int, int]]:
         """``[(teacher N, student N/2), ...]`` for every round, in order; lcm: ``[(N, student_steps)]``."""
-        if self.method == "lcm":
-            return [(self.teacher_steps, self.student_steps)]
-        return [(self.teacher_steps >> r, self.teacher_steps >> (r + 1)) for r in range(self.rounds)]
+        return REGISTRY[self.method].round_steps(self)
 
     @property
     def budget_kind(self) -> tuple[str, float]:
@@ -141,10 +117,6 @@ class DistillConfig(BaseModel):
         if guided and self.guidance_budget is not None:
             return parse_budget(self.guidance_budget)
         return self.budget_kind
-
-
-def _power_of_two(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
 
 
 def resolved(config: DistillConfig) -> dict:

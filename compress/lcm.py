@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 
 from compress.ddim_targets import Grid, ddim_step, split
+from compress.distill_methods import DistillMethod, register
+from compress.progressive import teacher_prediction, unet_call
 from sdwb.errors import SdwbError
 
 
@@ -88,3 +90,55 @@ def check_lcm_grid(grid: Grid, num_train: int) -> None:
     if num_train % grid.steps or not bool((gaps == spacing).all()):
         raise SdwbError(f"teacher_steps {grid.steps}: lcm needs a grid that divides the {num_train} training "
                         f"timesteps evenly (e.g. 50 or 25)")
+
+
+def _validate(config) -> None:
+    teacher, student = config.teacher_steps, config.student_steps
+    if student > teacher:
+        raise ValueError(f"student_steps {student} must be at most teacher_steps {teacher} (the "
+                         "LCMScheduler picks its steps from the teacher's grid)")
+    if "guidance_distill" in config.model_fields_set and not config.guidance_distill:
+        raise ValueError("method lcm always distils guidance (the student samples with guidance "
+                         "1.0); drop guidance_distill: false, or set guidance: 1.0 for none")
+    if config.guidance_budget is not None:
+        raise ValueError("guidance_budget: method lcm has one run, set its length with budget")
+    config.guidance_distill = True
+
+
+def _scheduler(scheduler_config: dict, config):
+    from diffusers import LCMScheduler
+
+    return LCMScheduler.from_config(scheduler_config, original_inference_steps=config.teacher_steps)
+
+
+def _loss(rnd, x0, noise, n, cond, uncond):
+    plan = rnd.plan
+
+    def teacher_fn(z, t):
+        return teacher_prediction(rnd.teacher, z, t, cond, uncond, plan.guidance, plan.precision)
+
+    def unet_fn(model, z, t):
+        return unet_call(model, z, t, cond, plan.precision)
+
+    return lcm_loss(rnd.model, rnd.target, teacher_fn, unet_fn, x0, noise, n, plan.teacher,
+                    plan.scheduler, plan.huber_c)
+
+
+def _inference(config, absorbed) -> dict:
+    return {"scheduler": "lcm", "original_inference_steps": config.teacher_steps,
+            "guidance_distilled": absorbed or config.guidance}
+
+
+register(DistillMethod(
+    name="lcm",
+    summary="latent consistency distillation against the guided teacher's ODE grid (Luo et al. 2023)",
+    validate=_validate,
+    round_steps=lambda config: [(config.teacher_steps, config.student_steps)],
+    scheduler=_scheduler,
+    check_grids=lambda teacher, student, num_train: check_lcm_grid(teacher, num_train),
+    points=lambda plan: plan.teacher.steps,
+    loss=_loss,
+    inference=_inference,
+    target_network=True,
+    guidance_every_run=True,
+))

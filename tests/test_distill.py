@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from compress.ddim_targets import check_nested, ddim_grid, student_scheduler_config, student_target
-from compress.distill import RoundPlan, distill, round_loss, teacher_prediction, teacher_two_steps
+from compress.distill import RoundPlan, distill
 from compress.distill_config import parse_distill_config
+from compress.progressive import round_loss, teacher_prediction, teacher_two_steps
 from sdwb.errors import SdwbError
 from sdwb.testing import build_tiny_pipeline
 
@@ -355,8 +356,8 @@ def test_consistency_output_is_lcm_schedulers_denoised(tiny, prediction_type):
 def test_lcm_loss_goes_down_on_a_fixed_batch(tiny):
     from diffusers import LCMScheduler
 
-    from compress.distill import _unet
     from compress.lcm import lcm_loss, update_target
+    from compress.progressive import unet_call as _unet
 
     config = student_scheduler_config(tiny.scheduler.config)
     grid = ddim_grid(config, 50)
@@ -433,3 +434,19 @@ def test_lcm_teacher_grid_must_divide_the_training_timesteps(tiny_pipeline_dir, 
     with pytest.raises(SdwbError, match="divides the 1000 training timesteps"):
         distill(str(tiny_pipeline_dir), cfg, tmp_path / "never", progress=False)
     assert not (tmp_path / "never").exists()
+
+
+def test_every_registered_distill_method_is_a_config_choice_and_trains_its_own_way():
+    """The registry is the one list: the config's method choices are exactly the registered ones."""
+    import typing
+
+    from compress.distill_config import DistillConfig
+    from compress.distill_methods import METHODS
+
+    choices = typing.get_args(DistillConfig.model_fields["method"].annotation)
+    assert set(choices) == set(METHODS) == {"progressive", "lcm"}
+    for name, method in METHODS.items():
+        cfg = parse_distill_config({"method": name, "teacher_steps": 8, "student_steps": 2})
+        assert cfg.round_steps() == method.round_steps(cfg) and cfg.rounds == len(cfg.round_steps())
+    with pytest.raises(SdwbError, match="unknown method 'consistency'"):
+        parse_distill_config({"method": "consistency"})

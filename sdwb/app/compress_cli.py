@@ -53,17 +53,18 @@ def _components(text: Optional[str]) -> Optional[list[str]]:
 
 
 def _quiet_libraries(method: str) -> None:
-    """No tqdm bars from diffusers/transformers saving and loading; torchao imported quietly."""
+    """No tqdm bars from diffusers/transformers saving and loading; optional libraries imported quietly."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    if method.startswith("torchao-"):
-        from sdwb.quant.torch_methods import _torchao
+    from sdwb.quant.registry import REQUIREMENTS
 
+    needs = REQUIREMENTS.get(method)
+    if needs is not None:
         try:
-            _torchao()
+            needs()  # import an optional library (torchao) now, quietly
         except SdwbError:
             pass  # quantize() reports it, after the clearer device checks
 

@@ -37,6 +37,10 @@ def targets(unet: torch.nn.Module, exclude: list[str]) -> list[str]:
     return out
 
 
+# SDXL's micro-conditioning inputs of the UNet (``added_cond_kwargs``), recorded with each call.
+ADDED_CONDITIONS = ("text_embeds", "time_ids")
+
+
 def calibrate_ranges(unet: torch.nn.Module, names: list[str], feeds: list[dict]) -> dict[str, dict]:
     """Replay recorded UNet inputs; min/max of every target's input and output over all calls."""
     ranges: dict[str, dict] = {n: {"in": [0.0, 0.0], "out": [0.0, 0.0]} for n in names}
@@ -57,10 +61,12 @@ def calibrate_ranges(unet: torch.nn.Module, names: list[str], feeds: list[dict])
     try:
         with torch.inference_mode():
             for feed in feeds:
+                added = {k: torch.from_numpy(feed[k]) for k in ADDED_CONDITIONS if k in feed}
                 unet(
                     torch.from_numpy(feed["sample"]),
                     torch.from_numpy(feed["timestep"])[0],
                     torch.from_numpy(feed["encoder_hidden_states"]),
+                    added_cond_kwargs=added or None,
                 )
     finally:
         for h in handles:
