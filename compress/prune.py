@@ -117,6 +117,7 @@ def _apply_channels(student, config: PruneConfig, pipe, data, say) -> dict:
         summary["taylor_loss"] = accumulate_gradients(student, data, taylor.batches, taylor.batch)
     say(f"pruning channels and heads at ratio {config.ratio:g} ({config.importance})")
     summary.update(prune_channels(student, config, unet_example_inputs(pipe)))
+    say(summary["outcome"])  # the ratio is per group, rounded to GroupNorm multiples: say what it became
     return summary
 
 

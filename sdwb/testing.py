@@ -123,3 +123,93 @@ def build_tiny_judge(seed: int = 0, image_size: int = 32):
     )
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return model.eval().requires_grad_(False), processor
+
+
+# Stable Diffusion families in miniature: the structural switches of each release (block layout,
+# head convention, projection type, attention upcast, prediction type) with diffusers' default
+# ``norm_num_groups: 32`` and the smallest widths that allow it. Overrides go to the UNet.
+FAMILY_UNETS = {
+    "sd1": {  # SD 1.x: CrossAttn down blocks then a plain one, 8 heads everywhere, conv proj_in/out
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "block_out_channels": (32, 64),
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+    },
+    "sd2": {  # SD 2.x: heads per block, linear proj_in/out, attention upcast, v-prediction
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "block_out_channels": (64, 128),
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "cross_attention_dim": 64,
+        "attention_head_dim": [2, 4],
+        "use_linear_projection": True,
+        "upcast_attention": True,
+    },
+}
+FAMILY_PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction"}
+
+
+def build_family_pipeline(family: str, seed: int = 0, **unet_overrides):
+    """A small seeded ``StableDiffusionPipeline`` shaped like SD 1.x (``"sd1"``) or SD 2.x (``"sd2"``).
+
+    Why: the tiny pipeline above uses 8 GroupNorm groups over 16/32 channels, which hides what
+    real checkpoints do (32 groups; widths of 32 x k); code that reshapes the UNet (pruning) must be
+    tested on the families' own settings (:data:`FAMILY_UNETS`: block types, head convention,
+    ``use_linear_projection``, ``upcast_attention``, v-prediction for SD 2.x). ``unet_overrides``
+    replace UNet config keys (e.g. ``block_out_channels=(32, 32)``). 16x16 latents, a two-level
+    VAE with 32 groups (32x32 images), a 2-layer text encoder of the UNet's cross-attention width,
+    DDIM; safety checker off. Same ``seed`` -> identical weights.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if family not in FAMILY_UNETS:
+        raise ValueError(f"family {family!r}: expected one of {sorted(FAMILY_UNETS)}")
+    config = {**FAMILY_UNETS[family], **unet_overrides}
+    hidden = config["cross_attention_dim"]
+    tokenizer = _tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(sample_size=TINY_SAMPLE, in_channels=4, out_channels=4, **config)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            norm_num_groups=32,
+            latent_channels=4,
+            sample_size=TINY_SAMPLE * 2,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=hidden,
+                intermediate_size=2 * hidden,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=TINY_TOKENS,
+                projection_dim=hidden,
+                hidden_act="gelu" if family == "sd2" else "quick_gelu",
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    for model in (unet, vae, text_encoder):
+        model.eval().requires_grad_(False)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**_SD15_BETAS, prediction_type=FAMILY_PREDICTION[family]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
