@@ -35,8 +35,10 @@ import numpy as np
 
 from sdwb.errors import SdwbError
 
-COMPONENTS = {"text_encoder": ("text_encoder", "forward"), "unet": ("unet", "forward"),
-              "vae_decode": ("vae", "decode")}
+# timed name -> the (pipeline attribute, method) pairs it covers (SDXL: both text encoders count as
+# text-encoder calls).
+COMPONENTS = {"text_encoder": (("text_encoder", "forward"), ("text_encoder_2", "forward")),
+              "unet": (("unet", "forward"),), "vae_decode": (("vae", "decode"),)}
 _MISSING = object()
 
 
@@ -118,12 +120,13 @@ class ComponentTimer:
         return timed
 
     def __enter__(self) -> ComponentTimer:
-        for name, (attr, method) in COMPONENTS.items():
-            module = getattr(self.pipe, attr, None)
-            if module is None:
-                continue
-            self._saved.append((module, method, module.__dict__.get(method, _MISSING)))
-            setattr(module, method, self._wrap(name, getattr(module, method)))
+        for name, targets in COMPONENTS.items():
+            for attr, method in targets:
+                module = getattr(self.pipe, attr, None)
+                if module is None:
+                    continue
+                self._saved.append((module, method, module.__dict__.get(method, _MISSING)))
+                setattr(module, method, self._wrap(name, getattr(module, method)))
         return self
 
     def __exit__(self, *exc) -> None:

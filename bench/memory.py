@@ -93,5 +93,5 @@ def param_counts(pipe) -> dict[str, float]:
         return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
     unet = count(pipe.unet)
-    total = unet + count(getattr(pipe, "vae", None)) + count(getattr(pipe, "text_encoder", None))
+    total = unet + sum(count(getattr(pipe, name, None)) for name in ("vae", "text_encoder", "text_encoder_2"))
     return {"params_m": total / 1e6, "unet_params_m": unet / 1e6}

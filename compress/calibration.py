@@ -79,7 +79,10 @@ def _record_torch(pipe, keep: set[int], log: list, latents: list):
         ehs = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
         if counter["i"] in keep:
             t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)[:1]
-            log.append({"sample": _np(sample), "timestep": _np(t), "encoder_hidden_states": _np(ehs)})
+            feed = {"sample": _np(sample), "timestep": _np(t), "encoder_hidden_states": _np(ehs)}
+            added = kwargs.get("added_cond_kwargs") or {}  # SDXL: pooled text embeds + time ids
+            feed.update({key: _np(value) for key, value in added.items() if torch.is_tensor(value)})
+            log.append(feed)
         counter["i"] += 1
 
     handle = pipe.unet.register_forward_pre_hook(pre_hook, with_kwargs=True)

@@ -6,8 +6,10 @@ steps. The shapes train stream is encoded once by the model's own VAE (posterior
 batch draws a fresh posterior sample, noise and timesteps from a generator seeded by
 ``(seed, step, stream)`` (:func:`sdwb.train.common.step_generator`): a resumed run sees exactly the
 batches it would have seen, without saving RNG state. Captions are tokenized as
-``StableDiffusionPipeline`` does and dropped at ``caption_dropout`` so the unconditional branch
-used by classifier-free guidance keeps being trained. The noise schedule is the pipeline's own
+``StableDiffusionPipeline`` does, encoded as the pipeline's family does
+(:mod:`sdwb.conditioning`: SDXL's pooled embeddings and time ids too), and dropped at
+``caption_dropout`` so the unconditional branch used by classifier-free guidance keeps being
+trained. The noise schedule is the pipeline's own
 (its scheduler config read as a ``DDPMScheduler``); the target is the noise (epsilon models) or
 the velocity (v-prediction models).
 """
@@ -18,6 +20,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from sdwb import conditioning as conditions
+from sdwb.conditioning import TextConditioner
 
 TAYLOR_STREAM = 400
 TRAIN_STREAM = 500
@@ -35,7 +40,7 @@ class DenoisingData:
         self.config = config
         self.pool = build_latent_pool(pipe.vae, pipe.tokenizer, config.latent_pool, Path(pool_path), progress)
         self.empty_ids = tokenize([""], pipe.tokenizer)[0]
-        self.text_encoder = pipe.text_encoder
+        self.conditioner = TextConditioner(pipe)  # SDXL: both encoders, pooled embeds, time ids
         self.scaling = float(pipe.vae.config.scaling_factor)
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
@@ -55,14 +60,13 @@ class DenoisingData:
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (size,), generator=gen)
         noisy = self.scheduler.add_noise(latents, noise, t)
         target = training_target(self.scheduler, latents, noise, t)
-        param = next(self.text_encoder.parameters())
-        hidden = self.text_encoder(ids.to(param.device))[0].float().cpu()
-        return {"sample": noisy, "timestep": t, "encoder_hidden_states": hidden, "target": target}
+        conditioning = conditions.to(self.conditioner(ids), "cpu")
+        return {"sample": noisy, "timestep": t, **conditioning, "target": target}
 
 
 def unet_inputs(batch: dict, device) -> dict:
-    """The UNet keyword arguments of ``batch`` on ``device``."""
-    return {k: batch[k].to(device) for k in ("sample", "timestep", "encoder_hidden_states")}
+    """The UNet keyword arguments of ``batch`` on ``device`` (the target left out)."""
+    return conditions.to({k: v for k, v in batch.items() if k != "target"}, device)
 
 
 def accumulate_gradients(unet, data: DenoisingData, batches: int, size: int) -> float:

@@ -51,6 +51,7 @@ from compress.ddim_targets import Grid, ddim_grid, student_scheduler_config
 from compress.distill_config import DistillConfig, resolved
 from compress.distill_methods import METHODS
 from compress.lcm import update_target
+from sdwb.conditioning import expand
 from sdwb.errors import SdwbError
 
 STUDENT_FILE = "student.safetensors"
@@ -131,8 +132,10 @@ def latent_pool(pipe, count: int, path: Path | None = None, progress: bool = Fal
 def _load_source(source) -> tuple[object, dict, str | None]:
     """(fp32 CPU pipeline, parent record, fingerprint of the source files or None)."""
     from compress.variant_io import load_source
+    from sdwb.loading import require_family
     from sdwb.variants.manifest import source_fingerprint
 
+    require_family(source, "distill")
     src = load_source(source, refuse={
         "quantize": "{spec}: a quantized variant ({method}); distill its float parent ({parent}) and "
                     "quantize the student",
@@ -194,10 +197,10 @@ def _bar(enabled: bool, name: str, total: float, completed: float, unit: str):
 class _Round:
     """One round's training state; :meth:`step` is one optimizer step (resumable by ``step``)."""
 
-    def __init__(self, index, config, plan, teacher, student, text_encoder, pool, empty_ids, scaling,
+    def __init__(self, index, config, plan, teacher, student, conditioner, pool, empty_ids, scaling,
                  accelerator, drop_captions: bool):
         self.index, self.config, self.plan, self.drop_captions = index, config, plan, drop_captions
-        self.teacher, self.student, self.text_encoder = teacher, student, text_encoder
+        self.teacher, self.student, self.conditioner = teacher, student, conditioner
         self.pool, self.empty_ids, self.scaling = pool, empty_ids, scaling
         self.accelerator = accelerator
         # the target network (an EMA of the student, stop-gradient) the consistency target uses
@@ -210,9 +213,9 @@ class _Round:
         self.ema = EMA(student, config.ema_decay) if config.ema_decay else None
         self.model, self.optimizer = accelerator.prepare(student, self.optimizer)
 
-    @torch.no_grad()
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(ids.to(self.accelerator.device))[0].float()
+    def _embed(self, ids: torch.Tensor) -> dict:
+        """The UNet's conditioning of caption ids (:mod:`sdwb.conditioning`; SDXL's added inputs too)."""
+        return self.conditioner(ids.to(self.accelerator.device))
 
     def batch(self, step: int):
         """(x0, noise, j, cond, uncond) of ``step``: a function of (seed, round, step, rank) only."""
@@ -232,7 +235,7 @@ class _Round:
         noise = torch.randn(x0.shape, generator=gen)
         device = acc.device
         cond = self._embed(ids)
-        uncond = self._embed(self.empty_ids[None]).expand_as(cond) if self.plan.guidance > 1.0 else None
+        uncond = expand(self._embed(self.empty_ids[None]), cfg.batch) if self.plan.guidance > 1.0 else None
         return x0.to(device), noise.to(device), j, cond, uncond
 
     def step(self, step: int, lr_factor: float) -> dict[str, float]:
@@ -381,7 +384,9 @@ def distill(
     device = accelerator.device
     say("encoding the latent pool")
     pool = latent_pool(pipe, config.latent_pool, work / POOL_FILE, progress=progress)
-    text_encoder = pipe.text_encoder.to(device).eval().requires_grad_(False)
+    from sdwb.conditioning import TextConditioner
+
+    conditioner = TextConditioner(pipe).to(device)  # the frozen text encoder(s)
     empty_ids = tokenize([""], pipe.tokenizer)[0]
     scaling = pipe.vae.config.scaling_factor
     current = pipe.unet.to(device)
@@ -400,7 +405,7 @@ def distill(
             say(f"round {r + 1}: reusing {done}")
         else:
             teacher = current.eval().requires_grad_(False)
-            rnd = _Round(r, config, plan, teacher, student, text_encoder, pool, empty_ids, scaling,
+            rnd = _Round(r, config, plan, teacher, student, conditioner, pool, empty_ids, scaling,
                          accelerator, drop_captions=not (config.guidance_distill or absorbed))
             metrics = _train_round(rnd, directory, work / "train_log.jsonl", progress)
             if rnd.ema is not None:
@@ -414,7 +419,7 @@ def distill(
         rounds.append(metrics)
         current = student.eval().requires_grad_(False)
     pipe.unet = current.cpu().float()
-    pipe.text_encoder = text_encoder.cpu()
+    conditioner.to("cpu")
     pipe.scheduler = scheduler
     from sdwb.inference import attach
 

@@ -21,14 +21,16 @@ from compress.ddim_targets import (
     student_target,
 )
 from compress.distill_methods import DistillMethod, register
+from sdwb.conditioning import as_conditioning, cat
 
 
 def unet_call(unet, z, t, context, precision: str) -> torch.Tensor:
-    """``unet(z, t, context).sample`` in fp32 (under bf16 autocast with ``precision: bf16``)."""
+    """``unet(z, t, **context).sample`` in fp32 (under bf16 autocast with ``precision: bf16``);
+    ``context``: a conditioning (:mod:`sdwb.conditioning`) or a bare ``encoder_hidden_states``."""
     from sdwb.train.common import autocast
 
     with autocast(z.device, precision):
-        return unet(z, t, encoder_hidden_states=context).sample.float()
+        return unet(z, t, **as_conditioning(context)).sample.float()
 
 
 @torch.no_grad()
@@ -36,7 +38,7 @@ def teacher_prediction(teacher, z, t, cond, uncond, guidance: float, precision: 
     """The teacher's output at ``t``: conditional, or guided ``uncond + w (cond - uncond)`` (one 2B call)."""
     if guidance <= 1.0 or uncond is None:
         return unet_call(teacher, z, t, cond, precision)
-    both = unet_call(teacher, torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond, cond]), precision)
+    both = unet_call(teacher, torch.cat([z, z]), torch.cat([t, t]), cat(uncond, cond), precision)
     u, c = both.chunk(2)
     return u + guidance * (c - u)
 

@@ -54,7 +54,9 @@ def _check_device(config: QuantConfig, device: str) -> None:
 def _float_source(source, backend: str):
     """(float torch pipeline or None, export dir or None, parent record)."""
     from compress.variant_io import load_source
+    from sdwb.loading import require_family
 
+    require_family(source, f"quantize ({backend})")
     src = load_source(source, refuse={
         "quantize": "{spec}: already quantized ({method}); quantize its parent ({parent}) instead",
     }, export_error=None)

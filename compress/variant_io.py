@@ -98,8 +98,10 @@ def save_float(pipe, directory: Path) -> None:
     fp16; storing them as fp32 would double the variant's size on disk for no information.
     """
     cast = []
-    for name in ("unet", "vae", "text_encoder"):
-        module = getattr(pipe, name)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
         floats = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
         if floats and all(t.dtype == torch.float32 and torch.equal(t, t.half().float()) for t in floats):
             torch.nn.Module.to(module, dtype=torch.float16)

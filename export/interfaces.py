@@ -16,6 +16,11 @@ keyword plumbing):
 - ``vae_decoder``: ``latent`` -> ``image`` in [-1, 1]. **The 1/scaling_factor is applied inside
   the graph**: ``latent`` is exactly what the scheduler leaves after the last step, so no caller
   can forget it; the ``x/2 + 0.5`` clamp to [0, 1] stays outside (as in diffusers' postprocess).
+- SDXL (``family: sdxl`` in the manifest): ``text_encoder`` -> ``hidden_states`` (the
+  penultimate layer, as ``StableDiffusionXLPipeline`` uses it), ``text_encoder_2`` ->
+  ``hidden_states`` + ``text_embeds`` (the projected pooled embedding); the UNet takes the two
+  concatenated as ``encoder_hidden_states`` plus ``text_embeds [batch, P]`` and ``time_ids
+  [batch, 6]`` (its ``added_cond_kwargs``).
 - ``vae_encoder`` (optional, for img2img): ``image`` in [-1, 1] -> ``latent`` = the posterior
   mean times scaling_factor (deterministic: no sampling inside a graph).
 
@@ -34,10 +39,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sdwb.families import family_of
 from sdwb.variants.manifest import Dim, resolve_dim
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # + text_encoder_2 for SDXL
+# SDXL's micro-conditioning: original size (h, w), crop top-left (y, x), target size (h, w).
+TIME_IDS = 6
 
 
 @dataclass(frozen=True)
@@ -168,12 +176,41 @@ class VaeEncoderWrapper(torch.nn.Module):
         return self.vae.encode(image, return_dict=False)[0].mean * self.scaling_factor
 
 
+class SdxlTextEncoderWrapper(torch.nn.Module):
+    """SDXL: ``input_ids`` -> penultimate ``hidden_states`` (+ ``text_embeds`` for the second encoder)."""
+
+    def __init__(self, text_encoder, pooled: bool):
+        super().__init__()
+        self.text_encoder, self.pooled = text_encoder, pooled
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
+        hidden = out.hidden_states[-2]
+        return (hidden, out.text_embeds) if self.pooled else hidden
+
+
+class SdxlUNetWrapper(torch.nn.Module):
+    """SDXL: ``(sample, timestep, encoder_hidden_states, text_embeds, time_ids)`` -> ``noise_pred``."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                         return_dict=False)[0]
+
+
 def wrapper(name: str, pipe) -> torch.nn.Module:
     """The plain-tensor module that is exported for component ``name`` of ``pipe``."""
+    sdxl = family_of(pipe).name == "sdxl"
+    if name in ("text_encoder", "text_encoder_2") and sdxl:
+        return SdxlTextEncoderWrapper(getattr(pipe, name), pooled=name == "text_encoder_2").eval()
     if name == "text_encoder":
         return TextEncoderWrapper(pipe.text_encoder).eval()
     if name == "unet":
-        return UNetWrapper(pipe.unet).eval()
+        return (SdxlUNetWrapper if sdxl else UNetWrapper)(pipe.unet).eval()
     if name == "vae_decoder":
         return VaeDecoderWrapper(pipe.vae).eval()
     if name == "vae_encoder":
@@ -187,7 +224,9 @@ def wrapper(name: str, pipe) -> torch.nn.Module:
 def pipeline_facts(pipe) -> dict:
     """The numbers every interface is derived from (also stored in the manifest)."""
     unet, vae = pipe.unet.config, pipe.vae.config
-    return {
+    family = family_of(pipe).name
+    facts = {
+        "family": family,
         "latent_channels": int(unet.in_channels),
         "sample_size": int(unet.sample_size),
         "vae_scale_factor": 2 ** (len(vae.block_out_channels) - 1),
@@ -198,6 +237,16 @@ def pipeline_facts(pipe) -> dict:
         "scaling_factor": float(vae.scaling_factor),
         "time_cond_proj_dim": unet.get("time_cond_proj_dim"),
     }
+    if family == "sdxl":
+        encoder_2 = pipe.text_encoder_2.config
+        facts.update({
+            "text_hidden_2": int(encoder_2.hidden_size),
+            "context_dim": int(unet.cross_attention_dim),
+            "pooled_dim": int(encoder_2.projection_dim),
+            "max_length_2": int(pipe.tokenizer_2.model_max_length),
+            "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
+        })
+    return facts
 
 
 def _side_range(size: int, factor: int) -> tuple[int, int, int]:
@@ -218,13 +267,17 @@ def build_interfaces(
     if unknown:
         raise ValueError(f"unknown component(s) {unknown}: expected some of {', '.join(COMPONENTS)}")
     f = pipeline_facts(pipe)
-    c, seq, f_img = f["latent_channels"], f["max_length"], f["vae_scale_factor"]
+    c, seq = f["latent_channels"], f["max_length"]
     h_rng = w_rng = _side_range(f["sample_size"], f["unet_factor"])
     cfg = (1, 2, 2 * max_batch)  # uncond + cond; 1 when guidance is off
     images = (1, 1, max_batch)
     second_cfg = min(4, cfg[2])  # two images under CFG, non-square, smallest side
     hw2 = {"height": h_rng[0], "width": w_rng[1]}
     seq_rng = (seq, seq, seq)
+    sdxl = f["family"] == "sdxl"
+    if sdxl:
+        return _sdxl_interfaces(f, components, cfg, second_cfg, seq_rng, h_rng, w_rng, hw2, atol, rtol,
+                                images, max_batch)
     decl = {
         "text_encoder": lambda: ComponentInterface(
             "text_encoder",
@@ -246,6 +299,16 @@ def build_interfaces(
             second={"batch": second_cfg, "sequence": seq, **hw2},
             atol=atol, rtol=rtol, constants={"timestep": 500.0},
         ),
+        **_vae_interfaces(f, images, max_batch, h_rng, w_rng, hw2, atol, rtol),
+    }
+    if "text_encoder_2" in components:
+        raise ValueError("text_encoder_2: only SDXL pipelines have a second text encoder")
+    return {name: decl[name]() for name in components}
+
+
+def _vae_interfaces(f: dict, images, max_batch: int, h_rng, w_rng, hw2, atol: float, rtol: float) -> dict:
+    c, f_img = f["latent_channels"], f["vae_scale_factor"]
+    return {
         "vae_decoder": lambda: ComponentInterface(
             "vae_decoder",
             inputs=(TensorSpec("latent", "float32", ("batch", c, "height", "width")),),
@@ -262,5 +325,45 @@ def build_interfaces(
             second={"batch": min(2, max_batch), **hw2},
             atol=2 * atol, rtol=rtol,
         ),
+    }
+
+
+def _sdxl_interfaces(f: dict, components, cfg, second_cfg, seq_rng, h_rng, w_rng, hw2, atol, rtol, images,
+                     max_batch) -> dict[str, ComponentInterface]:
+    """SDXL's declarations: two text encoders (penultimate hidden states, pooled), a UNet with
+    ``text_embeds`` and ``time_ids``; the VAE's as for SD."""
+    c, seq = f["latent_channels"], f["max_length"]
+
+    def encoder(name: str, hidden: int, pooled: bool) -> ComponentInterface:
+        outputs = (TensorSpec("hidden_states", "float32", ("batch", "sequence", hidden)),)
+        if pooled:
+            outputs += (TensorSpec("text_embeds", "float32", ("batch", f["pooled_dim"])),)
+        return ComponentInterface(
+            name,
+            inputs=(TensorSpec("input_ids", "int32", ("batch", "sequence")),),
+            outputs=outputs,
+            axes={"batch": cfg, "sequence": seq_rng},
+            second={"batch": min(3, cfg[2]), "sequence": seq},
+            atol=atol, rtol=rtol, constants={"vocab_size": f["vocab_size"]},
+        )
+
+    decl = {
+        "text_encoder": lambda: encoder("text_encoder", f["text_hidden"], pooled=False),
+        "text_encoder_2": lambda: encoder("text_encoder_2", f["text_hidden_2"], pooled=True),
+        "unet": lambda: ComponentInterface(
+            "unet",
+            inputs=(
+                TensorSpec("sample", "float32", ("batch", c, "height", "width")),
+                TensorSpec("timestep", "float32", (1,)),
+                TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", f["context_dim"])),
+                TensorSpec("text_embeds", "float32", ("batch", f["pooled_dim"])),
+                TensorSpec("time_ids", "float32", ("batch", TIME_IDS)),
+            ),
+            outputs=(TensorSpec("noise_pred", "float32", ("batch", c, "height", "width")),),
+            axes={"batch": cfg, "height": h_rng, "width": w_rng, "sequence": seq_rng},
+            second={"batch": second_cfg, "sequence": seq, **hw2},
+            atol=atol, rtol=rtol, constants={"timestep": 500.0},
+        ),
+        **_vae_interfaces(f, images, max_batch, h_rng, w_rng, hw2, atol, rtol),
     }
     return {name: decl[name]() for name in components}

@@ -229,24 +229,30 @@ def validate_component(path: Path, module, iface) -> list[dict]:
     so.add_session_config_entry("session.disable_prepacking", "1")
     so.enable_cpu_mem_arena = False  # give activation memory back after each run
     points = {which: iface.sample_inputs(which, seed=1) for which in ("opt", "second")}
+    names = [o.name for o in iface.outputs]
     refs = {}
     with torch.inference_mode():  # torch first: its activations are gone before ORT allocates
         for which, feeds in points.items():
-            refs[which] = module(*(torch.from_numpy(v) for v in feeds.values())).float().numpy()
+            out = module(*(torch.from_numpy(v) for v in feeds.values()))
+            out = out if isinstance(out, tuple) else (out,)  # SDXL's second text encoder: two outputs
+            refs[which] = [t.float().numpy() for t in out]
     session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     results = []
     for which, feeds in points.items():
-        ref = refs[which]
-        out = session.run([iface.outputs[0].name], feeds)[0]
-        result = {"point": iface.point(which), **compare(out, ref, iface.atol, iface.rtol)}
-        results.append(result)
-        if not result["ok"]:
-            shape = f"; shape {result['shape']}" if "shape" in result else ""
-            raise SdwbError(
-                f"validation of {iface.name} failed at {result['point']}: ONNX Runtime vs PyTorch max abs "
-                f"error {result['max_abs']:.3g}, max rel error {result['max_rel']:.3g} (tolerance atol "
-                f"{iface.atol:g}, rtol {iface.rtol:g}{shape})"
-            )
+        outs = session.run(names, feeds)
+        for name, out, ref in zip(names, outs, refs[which]):
+            result = {"point": iface.point(which), **compare(out, ref, iface.atol, iface.rtol)}
+            if len(names) > 1:
+                result["output"] = name
+            results.append(result)
+            if not result["ok"]:
+                shape = f"; shape {result['shape']}" if "shape" in result else ""
+                what = f"{iface.name}.{name}" if len(names) > 1 else iface.name
+                raise SdwbError(
+                    f"validation of {what} failed at {result['point']}: ONNX Runtime vs PyTorch max abs "
+                    f"error {result['max_abs']:.3g}, max rel error {result['max_rel']:.3g} (tolerance atol "
+                    f"{iface.atol:g}, rtol {iface.rtol:g}{shape})"
+                )
     del session
     return results
 
@@ -273,9 +279,11 @@ def _save_scheduler(scheduler, directory: Path) -> None:
 
 def _source(spec_or_pipe) -> tuple[object, dict, Path | None]:
     """(pipeline, source record, directory holding its sdwb.json or None)."""
+    from sdwb.loading import load_pipeline, require_family, resolve_spec
+
+    require_family(spec_or_pipe, "export onnx")
     if not isinstance(spec_or_pipe, (str, Path)):
         return spec_or_pipe, {"spec": None, "class": type(spec_or_pipe).__name__}, None
-    from sdwb.loading import load_pipeline, resolve_spec
     from sdwb.zoo import BUILTIN_PREFIX, get_builtin
 
     spec = str(spec_or_pipe)
@@ -332,11 +340,16 @@ def export_onnx(
         raise SdwbError(f"components {bad}: expected some of {', '.join(COMPONENTS)}")
     say("loading model")
     pipe, source, sdwb_json = _source(spec_or_pipe)
-    dtypes = {str(m.dtype).removeprefix("torch.") for m in (pipe.unet, pipe.vae, pipe.text_encoder)}
+    networks = [getattr(pipe, n, None) for n in ("unet", "vae", "text_encoder", "text_encoder_2")]
+    dtypes = {str(m.dtype).removeprefix("torch.") for m in networks if m is not None}
     if dtypes != {"float32"}:
         raise SdwbError(f"export needs an fp32 pipeline (got {', '.join(sorted(dtypes))}); "
                         "half-precision engines come from `sdwb export tensorrt --fp16`")
     facts = pipeline_facts(pipe)
+    if facts["family"] != "sdxl" and "text_encoder_2" in components:
+        raise SdwbError("components: text_encoder_2 is SDXL's second text encoder; this pipeline has one")
+    if facts["family"] == "sdxl" and "text_encoder" in components and "text_encoder_2" not in components:
+        components.insert(components.index("text_encoder") + 1, "text_encoder_2")  # SDXL encodes with both
     if facts["time_cond_proj_dim"] is not None:
         raise SdwbError("UNet has time_cond_proj_dim (LCM-style guidance embedding): not supported by export")
     interfaces = build_interfaces(pipe, components, max_batch=max_batch, atol=atol, rtol=rtol)
@@ -344,7 +357,10 @@ def export_onnx(
     # spec holds only the UNet's weights while the UNet (sd15-arch: 3.4 GB) is validated.
     modules = {name: wrapper(name, pipe) for name in components}
     order = sorted(components, key=lambda n: _param_bytes(modules[n]))
-    tokenizer, scheduler = pipe.tokenizer, pipe.scheduler
+    tokenizers = {"tokenizer": pipe.tokenizer}
+    if getattr(pipe, "tokenizer_2", None) is not None:
+        tokenizers["tokenizer_2"] = pipe.tokenizer_2
+    scheduler = pipe.scheduler
     del pipe
     entries = {}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -376,7 +392,8 @@ def export_onnx(
             del module
             gc.collect()
         entries = {name: entries[name] for name in components}
-        tokenizer.save_pretrained(tmp / "tokenizer")
+        for folder, tokenizer in tokenizers.items():
+            tokenizer.save_pretrained(tmp / folder)
         _save_scheduler(scheduler, tmp / "scheduler")
         if sdwb_json is not None:
             shutil.copyfile(sdwb_json, tmp / "sdwb.json")
@@ -390,7 +407,7 @@ def export_onnx(
             "dtype": "float32",
             "max_batch": max_batch,
             "source": source,
-            "pipeline": {**facts, "tokenizer": "tokenizer", "scheduler": "scheduler",
+            "pipeline": {**facts, **{folder: folder for folder in tokenizers}, "scheduler": "scheduler",
                          "scheduler_class": type(scheduler).__name__},
             "libraries": library_versions(),
             "components": entries,

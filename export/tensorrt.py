@@ -140,6 +140,9 @@ def build_engines(
     say = progress or (lambda _msg: None)
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     manifest = verify_manifest(onnx_dir)
+    from sdwb.families import FAMILIES, check_verb
+
+    check_verb(FAMILIES[manifest["pipeline"].get("family", "sd1")], "export tensorrt")
     profiles = trt_profiles(manifest, components)
     if out_dir.exists() and not overwrite:
         raise SdwbError(f"{out_dir}: already exists (refusing to overwrite finished engines)")

@@ -18,12 +18,19 @@ from pathlib import Path
 import torch
 
 from sdwb.errors import SdwbError
+from sdwb.families import (
+    Family,
+    check_pipeline_class,
+    check_verb,
+    components_of,
+    family_from_configs,
+    require,
+)
 from sdwb.variants.pruned import pruned_components
 from sdwb.variants.record import is_quantized, read_record
 from sdwb.zoo import BUILTIN_PREFIX, get_builtin, missing_message
 
-PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-PIPELINE_CLASS = "StableDiffusionPipeline"
+NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the torch modules of a pipeline
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -71,7 +78,7 @@ def resolve_spec(spec: str, kind: str = "pipeline") -> Path | None:
 
 
 def _layout(kind: str) -> str:
-    return "diffusers StableDiffusionPipeline" if kind == "pipeline" else "Hugging Face CLIPModel"
+    return "diffusers StableDiffusion(XL)Pipeline" if kind == "pipeline" else "Hugging Face CLIPModel"
 
 
 def check_safetensors(path: Path) -> None:
@@ -114,7 +121,8 @@ def _check_weights(directory: Path) -> None:
         check_safetensors(file)
 
 
-def _check_pipeline_layout(path: Path) -> None:
+def _check_pipeline_layout(path: Path) -> str:
+    """The pipeline class of the diffusers directory ``path``, after checking its components."""
     if not path.is_dir():
         raise SdwbError(f"not a directory: {path} (expected a {_layout('pipeline')} directory)")
     index_file = path / "model_index.json"
@@ -125,14 +133,45 @@ def _check_pipeline_layout(path: Path) -> None:
     except (OSError, ValueError) as exc:
         raise SdwbError(f"corrupt model_index.json: {index_file}: {exc}") from None
     cls = index.get("_class_name") if isinstance(index, dict) else None
-    if cls != PIPELINE_CLASS:
-        raise SdwbError(f"wrong layout: {index_file} describes a {cls}, expected a {PIPELINE_CLASS}")
-    for comp in PIPELINE_COMPONENTS:
+    check_pipeline_class(cls, str(index_file))
+    for comp in components_of(cls):
         entry = index.get(comp)
         if not isinstance(entry, list) or None in entry:
             raise SdwbError(f"wrong layout: {index_file} lists no '{comp}' component")
         if not (path / comp).is_dir():
             raise SdwbError(f"wrong layout: {path} has no {comp}/ directory (listed in model_index.json)")
+    return cls
+
+
+def spec_family(spec: str) -> Family:
+    """The family of a model spec, read from its files (nothing is loaded): ``model_index.json``'s
+    pipeline class and the UNet's config."""
+    from sdwb.families import FAMILIES
+
+    if spec.startswith(BUILTIN_PREFIX):
+        return FAMILIES[get_builtin(spec).family]
+    path = resolve_spec(spec, "pipeline")
+    manifest = path / "manifest.json"  # an export (sdwb.variants.manifest) names its family
+    if manifest.is_file() and not (path / "model_index.json").exists():
+        try:
+            family = json.loads(manifest.read_text()).get("pipeline", {}).get("family")
+        except (OSError, ValueError, AttributeError):
+            family = None  # the export's own loader names the broken manifest
+        return FAMILIES.get(family or "sd1", FAMILIES["sd1"])  # exports before families: SD 1.x / 2.x
+    cls = _check_pipeline_layout(path)
+    try:
+        unet_config = json.loads((path / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        unet_config = {}  # the loader names the broken file
+    return family_from_configs(cls, unet_config)
+
+
+def require_family(spec_or_pipe, verb: str) -> Family:
+    """The family of a spec or loaded pipeline; a one-line error, before any work, when ``verb``
+    does not support it yet (``sdwb models`` lists what does)."""
+    if isinstance(spec_or_pipe, (str, Path)):
+        return check_verb(spec_family(str(spec_or_pipe)), verb)
+    return require(spec_or_pipe, verb)
 
 
 def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -143,28 +182,32 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """A ``StableDiffusionPipeline`` for ``spec``, in ``dtype`` on ``device``, safety checker off."""
-    if spec.startswith(BUILTIN_PREFIX) and get_builtin(spec).asset is None:
-        from sdwb.sd15 import build_sd15_pipeline
+    """The diffusers pipeline for ``spec`` (``StableDiffusionPipeline`` for SD 1.x / 2.x,
+    ``StableDiffusionXLPipeline`` for SDXL), in ``dtype`` on ``device``, safety checker off."""
+    if spec.startswith(BUILTIN_PREFIX) and get_builtin(spec).builder is not None:
+        import importlib
 
-        return build_sd15_pipeline(device=device, dtype=dtype)
+        module, _, function = get_builtin(spec).builder.partition(":")
+        return getattr(importlib.import_module(module), function)(device=device, dtype=dtype)
     path = resolve_spec(spec, "pipeline")
-    _check_pipeline_layout(path)
+    cls = _check_pipeline_layout(path)
     _check_weights(path)
     components = pruned_components(path)  # a pruned variant's UNet, rebuilt from its sdwb.json
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
+    extra = {"safety_checker": None, "requires_safety_checker": False} if "XL" not in cls else {}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True,
-            **components,
+        pipe = getattr(diffusers, cls).from_pretrained(
+            path, dtype=dtype, local_files_only=True, **extra, **components,
         )
     except Exception as exc:
         raise SdwbError(
             f"could not load diffusers pipeline from {path}: {type(exc).__name__}: {exc}"
         ) from None
-    for name in ("unet", "vae", "text_encoder"):
-        module = getattr(pipe, name)
+    for name in NETWORKS:
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
         _cast(module, dtype)
         module.eval().requires_grad_(False)
     from sdwb.inference import attach, for_spec

@@ -26,14 +26,22 @@ def unet_example_inputs(pipe, height: int | None = None, width: int | None = Non
     w = width // factor if width else size[1]
     channels = unet.conv_in.in_channels
     tokens = pipe.tokenizer.model_max_length
-    encoder = getattr(pipe, "text_encoder", None)
-    hidden = encoder.config.hidden_size if encoder is not None else unet.config.cross_attention_dim
+    hidden = unet.config.cross_attention_dim  # SDXL: both text encoders' hidden states, concatenated
     param = next(unet.parameters())
-    return {
+    inputs = {
         "sample": torch.zeros(1, channels, h, w, dtype=param.dtype, device=param.device),
         "timestep": torch.tensor([999], device=param.device),
         "encoder_hidden_states": torch.zeros(1, tokens, hidden, dtype=param.dtype, device=param.device),
     }
+    if unet.config.get("addition_embed_type") == "text_time":  # SDXL's micro-conditioning
+        time_ids = torch.tensor([[h * factor, w * factor, 0, 0, h * factor, w * factor]], dtype=param.dtype,
+                                device=param.device)
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros(1, pooled, dtype=param.dtype, device=param.device),
+            "time_ids": time_ids,
+        }
+    return inputs
 
 
 def unet_macs(unet, example_inputs: dict) -> dict:

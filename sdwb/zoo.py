@@ -3,8 +3,8 @@
 Why: ``builtin:<name>`` is how recipes and the CLI name the project's own models. Two are
 trained by the project and shipped under ``sdwb/assets/`` (absent until ``sdwb baseline train``
 has produced them), ``tiny-shapes-4step`` is distilled from tiny-shapes by ``sdwb compress
-distill`` (absent until that has run); ``sd15-arch`` is SD 1.5's architecture built in code
-(:mod:`sdwb.sd15`).
+distill`` (absent until that has run); ``sd15-arch`` and ``sdxl-arch`` are SD 1.5's and SDXL base's
+architectures built in code (:mod:`sdwb.sd15`, :mod:`sdwb.sdxl`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ class BuiltinModel:
     kind: str
     asset: str | None  # sub-directory of assets_dir(); None: built in code
     produced_by: str = TRAIN_COMMAND  # the command that makes a shipped model (named when missing)
+    builder: str | None = None  # "module:function" that builds a model made in code
+    family: str = "sd1"  # sdwb.families key
 
     @property
     def path(self) -> Path | None:
@@ -93,6 +95,18 @@ _MODELS = (
         quality_metrics=False,
         kind="pipeline",
         asset=None,
+        builder="sdwb.sd15:build_sd15_pipeline",
+    ),
+    BuiltinModel(
+        name="builtin:sdxl-arch",
+        description="SDXL base 1.0's real architecture (UNet 2567.5 M params, CLIP ViT-L + OpenCLIP "
+        "ViT-bigG text encoders, 1024x1024) with seeded random weights: full-scale latency and "
+        "memory; no meaningful images",
+        quality_metrics=False,
+        kind="pipeline",
+        asset=None,
+        builder="sdwb.sdxl:build_sdxl_pipeline",
+        family="sdxl",
     ),
 )
 

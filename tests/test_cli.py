@@ -14,7 +14,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "configs" / "recipes" / "baseline.yaml"
-BUILTINS = ("builtin:tiny-shapes", "builtin:shapes-judge", "builtin:sd15-arch", "builtin:tiny-shapes-4step")
+BUILTINS = ("builtin:tiny-shapes", "builtin:shapes-judge", "builtin:sd15-arch", "builtin:tiny-shapes-4step",
+            "builtin:sdxl-arch")
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +65,8 @@ def test_models_lists_the_builtins():
     assert rows["builtin:sd15-arch"]["available"] is True
     assert rows["builtin:sd15-arch"]["quality_metrics"] is False
     assert rows["builtin:tiny-shapes"]["quality_metrics"] is True
+    assert rows["builtin:sdxl-arch"]["family"] == "SDXL" and rows["builtin:sd15-arch"]["family"] == "SD 1.x"
+    assert "Stable Diffusion families" in result.stdout and "SDXL" in result.stdout
 
 
 def test_config_check_prints_resolved_recipe():

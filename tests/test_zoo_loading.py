@@ -60,9 +60,12 @@ def test_sd15_meta_pipeline_has_sd15_shapes():
 def test_zoo_lists_the_builtins():
     models = {m.name: m for m in zoo.list_models()}
     assert set(models) == {"builtin:tiny-shapes", "builtin:shapes-judge", "builtin:sd15-arch",
-                           "builtin:tiny-shapes-4step"}
-    sd15 = models["builtin:sd15-arch"]
-    assert sd15.available() and not sd15.quality_metrics and sd15.location == "built in code"
+                           "builtin:tiny-shapes-4step", "builtin:sdxl-arch"}
+    for name in ("builtin:sd15-arch", "builtin:sdxl-arch"):
+        arch = models[name]
+        assert arch.available() and not arch.quality_metrics and arch.location == "built in code"
+        assert arch.builder is not None
+    assert models["builtin:sdxl-arch"].family == "sdxl"
     tiny = models["builtin:tiny-shapes"]
     assert tiny.quality_metrics and tiny.location == str(zoo.assets_dir() / "tiny-shapes")
     assert tiny.available() == (zoo.assets_dir() / "tiny-shapes" / "model_index.json").is_file()

@@ -89,12 +89,15 @@ def _console():
 def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """List the builtin models: what each is for, whether quality metrics apply, whether present."""
+    """List the builtin models (what each is for, whether quality metrics apply, whether present)
+    and the Stable Diffusion families, with the verbs each supports."""
+    from sdwb.families import FAMILIES, VERBS, support_table, supported_text
     from sdwb.zoo import list_models
 
     rows = [
         {
             "name": m.name,
+            "family": FAMILIES[m.family].label if m.kind == "pipeline" else None,
             "description": m.description,
             "quality_metrics": bool(m.quality_metrics),
             "available": bool(m.available()),
@@ -118,9 +121,18 @@ def models(
         table.add_row(r["name"], "yes" if r["quality_metrics"] else "no", escape(r["description"]),
                       f"{status}\n{escape(r['location'])}")
     _console().print(table)
+    families = Table(title="Stable Diffusion families: verbs supported", show_lines=False)
+    families.add_column("verb", no_wrap=True, style="bold")
+    table_rows = support_table()
+    for row in table_rows:
+        families.add_column(row["family"], justify="center")
+    for verb in VERBS:
+        families.add_row(verb, *("yes" if row[verb] else "-" for row in table_rows))
+    _console().print(families)
     _console().print(
-        "Also accepted as --model: a local diffusers pipeline directory, or a hub id already in the "
-        "local Hugging Face cache (nothing is downloaded)."
+        f"Also accepted as --model: a local diffusers pipeline directory of one of these families "
+        f"({supported_text()}; any other pipeline class is refused), or a hub id already in the local "
+        "Hugging Face cache (nothing is downloaded)."
     )
 
 

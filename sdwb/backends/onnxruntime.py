@@ -70,12 +70,15 @@ class OrtComponent:
         self.name, self.session, self.entry, self.device = name, session, entry, torch.device(device)
         self.dtypes = {s["name"]: s["dtype"] for s in entry["inputs"]}
         self.output = entry["outputs"][0]
+        self.output_names = [o["name"] for o in entry["outputs"]]
 
-    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The output tensor; a tuple when the graph has several (SDXL's second text encoder)."""
+        if self.device.type == "cuda" and len(self.output_names) == 1:
             return self._run_bound(inputs)
         feeds = {k: v.detach().cpu().numpy().astype(self.dtypes[k], copy=False) for k, v in inputs.items()}
-        return torch.from_numpy(self.session.run([self.output["name"]], feeds)[0])
+        outs = [torch.from_numpy(o).to(self.device) for o in self.session.run(self.output_names, feeds)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _run_bound(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """IO binding: the session reads and writes the torch CUDA tensors in place."""
@@ -102,11 +105,17 @@ class ExportedPipeline:
     """diffusers' StableDiffusionPipeline loop over component runners (ONNX Runtime, TensorRT)."""
 
     def __init__(self, components: dict, tokenizer, scheduler, facts: dict, device: str = "cpu",
-                 info: dict | None = None):
-        missing = [c for c in ("text_encoder", "unet", "vae_decoder") if c not in components]
+                 info: dict | None = None, tokenizer_2=None):
+        self.family = facts.get("family", "sd1")  # exports made before families held SD 1.x / 2.x
+        needed = ("text_encoder", "text_encoder_2", "unet", "vae_decoder") if self.family == "sdxl" else \
+            ("text_encoder", "unet", "vae_decoder")
+        missing = [c for c in needed if c not in components]
         if missing:
             raise SdwbError(f"export lacks component(s) {', '.join(missing)} needed to generate images")
+        if self.family == "sdxl" and tokenizer_2 is None:
+            raise SdwbError("SDXL export lacks its second tokenizer (tokenizer_2/)")
         self.components, self.tokenizer, self.scheduler = components, tokenizer, scheduler
+        self.tokenizer_2 = tokenizer_2
         self.facts, self.device, self.info = facts, torch.device(device), info or {}
         self.hooks: list[Callable[[str, float], None]] = []
         self.last_batch: dict[str, int] = {}
@@ -164,12 +173,33 @@ class ExportedPipeline:
         return feeds
 
     # ---------------------------------------------------------------- the loop
-    def encode_prompt(self, prompts: list[str], guidance: bool) -> torch.Tensor:
-        """Text embeddings, ``[uncond; cond]`` (2B rows) under guidance, as diffusers orders them."""
-        texts = ([""] * len(prompts) + prompts) if guidance else prompts
-        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.run_component("text_encoder", input_ids=ids.to(self.device, torch.int32))
+    def _ids(self, tokenizer, texts: list[str]) -> torch.Tensor:
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        return ids.to(self.device, torch.int32)
+
+    def encode_prompt(self, prompts: list[str], guidance: bool, height: int = 0, width: int = 0) -> dict:
+        """The UNet's text conditioning inputs, ``[uncond; cond]`` (2B rows) under guidance, as
+        diffusers orders them: ``encoder_hidden_states``; for SDXL also ``text_embeds`` (pooled)
+        and ``time_ids`` (image ``height`` x ``width``, no crop), as ``StableDiffusionXLPipeline``
+        makes them (penultimate hidden states of both encoders concatenated; a zero negative
+        embedding when ``force_zeros_for_empty_prompt``)."""
+        if self.family != "sdxl":
+            texts = ([""] * len(prompts) + prompts) if guidance else prompts
+            hidden = self.run_component("text_encoder", input_ids=self._ids(self.tokenizer, texts))
+            return {"encoder_hidden_states": hidden}
+        zeros = guidance and self.facts.get("force_zeros_for_empty_prompt", True)
+        texts = ([""] * len(prompts) + prompts) if guidance and not zeros else prompts
+        hidden_1 = self.run_component("text_encoder", input_ids=self._ids(self.tokenizer, texts))
+        hidden_2, pooled = self.run_component("text_encoder_2", input_ids=self._ids(self.tokenizer_2, texts))
+        hidden = torch.cat([hidden_1, hidden_2], dim=-1)
+        if zeros:  # uncond rows are zeros, not the encoding of ""
+            hidden = torch.cat([torch.zeros_like(hidden), hidden])
+            pooled = torch.cat([torch.zeros_like(pooled), pooled])
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=hidden.dtype,
+                                device=hidden.device)
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled,
+                "time_ids": time_ids.repeat(hidden.shape[0], 1)}
 
     def _extra_step_kwargs(self, scheduler, generator, eta: float) -> dict:
         params = set(inspect.signature(scheduler.step).parameters)
@@ -217,7 +247,8 @@ class ExportedPipeline:
         scheduler = self.scheduler
         cfg = guidance_scale > 1.0
         h, w = self.latent_size(height, width)
-        embeds = self.encode_prompt(prompts, cfg)
+        f = self.facts["vae_scale_factor"]
+        conditions = self.encode_prompt(prompts, cfg, h * f, w * f)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         shape = (len(prompts), self.facts["latent_channels"], h, w)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
@@ -228,7 +259,7 @@ class ExportedPipeline:
             model_input = scheduler.scale_model_input(model_input, t)
             timestep = t.reshape(1).to(self.device, torch.float32)
             noise = self.run_component("unet", sample=model_input, timestep=timestep,
-                                       encoder_hidden_states=embeds).to(latents.dtype)
+                                       **conditions).to(latents.dtype)
             if cfg:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance_scale * (cond - uncond)
@@ -250,19 +281,23 @@ class ExportedPipeline:
         return str(self.info.get("backend", "export"))
 
 
-def _load_tokenizer_and_scheduler(directory: Path):
+def load_tokenizers_and_scheduler(directory: Path):
+    """``(tokenizer, tokenizer_2 or None, scheduler)`` saved beside an export (SDXL has two tokenizers)."""
     import diffusers
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", local_files_only=True)
+        tokenizer_2 = None
+        if (directory / "tokenizer_2").is_dir():
+            tokenizer_2 = AutoTokenizer.from_pretrained(directory / "tokenizer_2", local_files_only=True)
         config = diffusers.DDIMScheduler.load_config(directory / "scheduler")
         scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
     except Exception as exc:
         raise SdwbError(
             f"could not load tokenizer/scheduler from {directory}: {type(exc).__name__}: {exc}"
         ) from None
-    return tokenizer, scheduler
+    return tokenizer, tokenizer_2, scheduler
 
 
 def resolve_providers(providers: Sequence[str | tuple] | None) -> list:
@@ -318,7 +353,7 @@ class OrtStableDiffusionPipeline(ExportedPipeline):
         names = resolve_providers(providers)
         first = names[0][0] if isinstance(names[0], tuple) else names[0]
         device = "cuda" if first in GPU_PROVIDERS else "cpu"
-        tokenizer, scheduler = _load_tokenizer_and_scheduler(directory)
+        tokenizer, tokenizer_2, scheduler = load_tokenizers_and_scheduler(directory)
         components = {}
         for name, entry in manifest["components"].items():
             so = ort.SessionOptions()
@@ -346,6 +381,6 @@ class OrtStableDiffusionPipeline(ExportedPipeline):
                 "intra_op_num_threads": threads or 0, "inter_op_num_threads": inter_threads or 0,
                 "intra_op_spinning": spinning,
                 "export": str(directory), "source": manifest.get("source", {})}
-        pipe = cls(components, tokenizer, scheduler, manifest["pipeline"], device, info)
+        pipe = cls(components, tokenizer, scheduler, manifest["pipeline"], device, info, tokenizer_2)
         pipe.manifest = manifest
         return pipe

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sdwb.backends.onnxruntime import ExportedPipeline, _load_tokenizer_and_scheduler
+from sdwb.backends.onnxruntime import ExportedPipeline, load_tokenizers_and_scheduler
 from sdwb.errors import SdwbError
 from sdwb.variants.manifest import ENGINE_FORMAT, read_manifest, verify_manifest
 
@@ -120,7 +120,7 @@ class TrtRunner(ExportedPipeline):
             if engine is None:
                 raise SdwbError(f"TensorRT could not deserialize {directory / entry['file']}")
             components[name] = TrtComponent(trt, name, engine, entry, dev)
-        tokenizer, scheduler = _load_tokenizer_and_scheduler(directory)
+        tokenizer, _, scheduler = load_tokenizers_and_scheduler(directory)
         info = {"backend": "tensorrt", "tensorrt": trt.__version__, "gpu": gpu, "engines": str(directory),
                 "source": manifest.get("source", {})}
         runner = cls(components, tokenizer, scheduler, manifest["pipeline"], str(dev), info)

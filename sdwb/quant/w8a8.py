@@ -84,9 +84,16 @@ def _qparams(lo: float, hi: float) -> tuple[float, int]:
 class W8A8(torch.nn.Module):
     """float in -> uint8 (calibrated) -> int8-weight conv/linear -> uint8 -> float out."""
 
-    def __init__(self, qmodule: torch.nn.Module, in_range, channels_last: bool):
+    # The float module's shape attributes, kept: callers read them (SDXL's pipeline checks
+    # ``unet.add_embedding.linear_1.in_features`` against its micro-conditioning size).
+    SHAPE_ATTRIBUTES = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size")
+
+    def __init__(self, qmodule: torch.nn.Module, in_range, channels_last: bool, float_module=None):
         super().__init__()
         self.q = qmodule
+        for name in self.SHAPE_ATTRIBUTES:
+            if hasattr(float_module, name):
+                setattr(self, name, getattr(float_module, name))
         self.in_scale, self.in_zero = _qparams(*in_range)
         self.channels_last = channels_last
 
@@ -143,5 +150,6 @@ def apply_w8a8(unet: torch.nn.Module, ranges: dict[str, dict], engine: str, chan
             parent_name, _, child = name.rpartition(".")
             parent = modules[parent_name] if parent_name else unet
             float_module = modules[name]
-            setattr(parent, child, W8A8(_quantized(float_module, r["out"]), r["in"], channels_last))
+            quantized = W8A8(_quantized(float_module, r["out"]), r["in"], channels_last, float_module)
+            setattr(parent, child, quantized)
     return len(ranges)
