@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -119,7 +120,7 @@ def run_variant(variant: str, calls: int, threads: int) -> dict:
     return {
         "variant": variant, "build_s": round(build_s, 1), "warmup_32x32_s": round(warm_s, 2),
         "seconds_per_call": [round(s, 3) for s in seconds],
-        "median_s": round(sorted(seconds)[len(seconds) // 2], 3),
+        "median_s": round(statistics.median(seconds), 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "threads": threads, "method_summary": summary,
     }
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(run_variant(args.one, args.calls, args.threads)))
         return 0
+    environment = _environment()  # before the run: the revision measured, not one edited meanwhile
     rows = []
     for variant in args.variants:
         print(f"{variant}: building and timing ...", file=sys.stderr, flush=True)
@@ -156,16 +158,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {row['median_s']} s per call, peak RSS {row['peak_rss_mb']:.0f} MB", file=sys.stderr)
         rows.append(row)
     fp32 = [r["median_s"] for r in rows if r["variant"] == "fp32"]
-    reference = min(fp32) if fp32 else None
-    for r in rows:
-        if reference:
-            r["speedup_vs_fp32_best"] = round(reference / r["median_s"], 3)
+    for r in rows:  # against each fp32 run: the spread is the machine's drift over the run
+        if fp32:
+            r["speedup_vs_fp32"] = [round(min(fp32) / r["median_s"], 3), round(max(fp32) / r["median_s"], 3)]
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "what": "builtin:sdxl-arch UNet per call, batch 2, 128x128 latent, 77 tokens, torch eager on CPU",
         "command": "python -m tools.sdxl_arch_bench " + " ".join(argv or sys.argv[1:]),
         "fp32_drift": round(max(fp32) / min(fp32) - 1, 3) if len(fp32) > 1 else None,
-        "environment": _environment(), "rows": rows,
+        "weights": "seeded random (torch.manual_seed(0)), SDXL base 1.0's UNet config (sdwb.sdxl.SDXL_UNET)",
+        "environment": environment, "rows": rows,
     }
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out / 'results.json'}", file=sys.stderr)
