@@ -16,6 +16,9 @@ STAMP := $(VENV)/.sdwb-installed
 TORCH_CPU ?= torch==2.13.0
 PIP_FLAGS ?=
 PYTEST_ARGS ?=
+# Extras installed by `make venv`: the CPU engines (openvino + nncf) ride along by default; the
+# OpenVINO tests skip cleanly with EXTRAS=dev.
+EXTRAS ?= dev,openvino
 DEMO_DIR ?= runs/demo
 DEMO_PROMPTS := -p "a small red circle at the top on a gray background" \
 	-p "a large blue square on the left on a white background" \
@@ -39,7 +42,7 @@ $(STAMP): pyproject.toml
 		echo "no nvidia-smi: installing the CPU build of torch first ($(TORCH_CPU))"; \
 		$(BIN)/python -m pip install $(PIP_FLAGS) $(TORCH_CPU); \
 	fi
-	$(BIN)/python -m pip install $(PIP_FLAGS) -e '.[dev]'
+	$(BIN)/python -m pip install $(PIP_FLAGS) -e '.[$(EXTRAS)]'
 	@touch $@
 
 test: venv

@@ -16,7 +16,9 @@ scores over a fixed prompt set with fixed seeds, so the same model scores identi
 compared with their threshold directly, and the quality rows show their bootstrap intervals.
 
 Outcome: ``passed`` (exit 0) or ``regression`` (exit 1); bad input is an :class:`SdwbError`
-(exit 2 from ``sdwb gate``). :func:`write_markdown` and :func:`write_junit` write the summary
+(exit 2 from ``sdwb gate``), and so is anything the gate would otherwise have to skip or trust:
+partial results, a metric the config gates but a side did not measure, rows of different
+scenarios (:mod:`bench.gate_inputs`). :func:`write_markdown` and :func:`write_junit` write the summary
 for people and for CI systems.
 """
 
@@ -457,7 +459,8 @@ def verdict(checks: list[Check]) -> str:
 
 def read_results(path: str | Path) -> dict:
     """A complete ``results.json`` (or a directory holding one) as a dict, with one-line errors
-    (read by :mod:`bench.results`; a directory's partial results are not taken)."""
+    (read by :mod:`bench.results`; partial results, ``"complete": false``, are refused)."""
+    from bench.gate_inputs import check_complete
     from bench.results import RESULTS_JSON, _read_json, _results_file
 
     path = Path(path)
@@ -466,12 +469,14 @@ def read_results(path: str | Path) -> dict:
     data = _read_json(_results_file(path))
     if not data["rows"]:
         raise SdwbError(f"{path}: not a results file (expected an object with a non-empty 'rows' list)")
+    check_complete(data, str(path))
     return data
 
 
 def pick_row(data: dict, variant: str | None, source: str) -> tuple[dict, dict]:
     """``(row, samples)`` of ``variant`` (default: the only row, else an error listing them)."""
     rows = {r.get("variant"): r for r in data["rows"]}
+    names = [r.get("variant") for r in data["rows"]]
     if variant is None:
         if len(rows) != 1:
             raise SdwbError(
@@ -480,7 +485,13 @@ def pick_row(data: dict, variant: str | None, source: str) -> tuple[dict, dict]:
         variant = next(iter(rows))
     if variant not in rows:
         raise SdwbError(f"{source}: no variant {variant!r} (has: {', '.join(map(str, rows))})")
-    return rows[variant], (data.get("samples") or {}).get(variant, {})
+    if names.count(variant) > 1:
+        raise SdwbError(f"{source}: {names.count(variant)} rows of variant {variant!r} (a sweep); the gate "
+                        "compares one row each: bench one scenario")
+    samples = (data.get("samples") or {}).get(variant) or {}
+    if not isinstance(samples, dict) or not all(isinstance(v, list) for v in samples.values()):
+        raise SdwbError(f"{source}: samples.{variant}: expected an object of per-run lists (e2e_s, unet_ms)")
+    return rows[variant], samples
 
 
 # --------------------------------------------------------------------------- outputs

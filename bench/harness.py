@@ -28,6 +28,12 @@ Extra columns: ``providers``, ``export_dir``, ``export_reused`` and, for an expo
 this run, ``export_s`` and ``export_peak_rss_mb`` (the export runs as ``sdwb export onnx`` in a
 fresh process, so this is that command's peak RSS, and the benchmark never holds its memory).
 
+``compile: true`` on a torch row (``compile_mode`` default | reduce-overhead | max-autotune |
+max-autotune-no-cudagraphs): the row loads its own copy of the pipeline, whose UNet is compiled
+by inductor (:mod:`sdwb.torch_compile`) and warmed by one untimed call right after loading
+(:func:`_compile`), so no timed run and no image pays the compile; that first call's time is the
+row's ``compile_s``. Rows record ``compile`` and ``compile_mode``; the memory probe compiles too.
+
 After every phase the rows so far are saved as ``results.partial.*`` (images under
 ``images.partial/``); an error or Ctrl-C saves them too and re-raises. Only a finished run swaps
 ``images.partial/`` in as ``images/`` and writes ``results.csv``/``results.json`` and
@@ -80,7 +86,7 @@ def preflight(scenarios: list[Scenario]) -> list[Scenario]:
         if s.model.startswith("recipe:"):  # resolved by the application layer before a bench
             raise SdwbError(f"variant {s.variant}: {s.model}: a recipe model is resolved by `sdwb bench` / "
                             "`sdwb run`, not by the benchmark harness")
-        if s.backend == "onnxruntime":
+        if s.backend in ("onnxruntime", "openvino"):  # the runtime's threads: recorded, never "default"
             update["threads"] = s.threads or torch.get_num_threads()
         out.append(s.model_copy(update=update))
     from sdwb.loading import resolve_spec
@@ -91,6 +97,7 @@ def preflight(scenarios: list[Scenario]) -> list[Scenario]:
                 resolve_spec(s.model, "pipeline")
         except SdwbError as e:
             raise SdwbError(f"variant {s.variant}: {e}") from None
+    _check_compilable(out)
     for judge in sorted({s.judge for s in out if "quality" in s.metrics and s.quality_applies}):
         try:
             resolve_spec(judge, "judge")
@@ -101,20 +108,22 @@ def preflight(scenarios: list[Scenario]) -> list[Scenario]:
 
 def _is_export_of(s: Scenario) -> bool:
     """For an exported backend: True when ``s.model`` is already what it runs; False when it is a
-    torch spec to export first (onnxruntime only). Wrong combinations are one-line errors."""
-    from sdwb.backends.registry import ONNX_FORMAT, check_model, manifest_format
+    torch spec to export to ONNX first (onnxruntime, openvino). Wrong combinations are one-line
+    errors."""
+    from sdwb.backends.registry import TABLE, check_model, manifest_format
 
-    if s.dtype != "fp32" and s.backend == "onnxruntime":
-        raise SdwbError(f"variant {s.variant}: dtype {s.dtype} with backend onnxruntime: exports are fp32 "
-                        "(set dtype: fp32 for this variant)")
+    row = TABLE[s.backend]
+    if s.backend != "tensorrt" and s.dtype not in row.dtypes:
+        raise SdwbError(f"variant {s.variant}: dtype {s.dtype} with backend {s.backend}: expected "
+                        f"{' or '.join(row.dtypes)} (exports are fp32 graphs)")
     found = manifest_format(s.model)
-    if s.backend == "onnxruntime" and found is None:
+    if row.exports_spec and found is None:
         return False  # a torch model spec: exported into OUT/exports/<variant>/ by _prepare
     try:
         check_model(s.backend, s.model, flag="model")
     except SdwbError as e:
         raise SdwbError(f"variant {s.variant}: {e}") from None
-    return found == ONNX_FORMAT or s.backend == "tensorrt"
+    return True
 
 
 class _Bars:
@@ -183,10 +192,11 @@ class _Run:
 def _scenario_columns(s: Scenario) -> dict[str, Any]:
     keys = ("variant", "model", "backend", "dtype", "steps", "guidance", "batch", "scenario", "base_variant",
             "baseline", "device", "threads", "scheduler", "height", "width", "prompts", "n_prompts", "seed",
-            "warmup", "repeats")
+            "warmup", "repeats", "compile")
     import torch
 
     row = {k: getattr(s, k) for k in keys}
+    row["compile_mode"] = s.compile_mode if s.compile else None
     if s.unet_slowdown:
         row["unet_slowdown"] = s.unet_slowdown  # an injected slowdown is never a silent one
     row["threads"] = s.threads or torch.get_num_threads()
@@ -211,9 +221,11 @@ def run_bench(config: BenchConfig, out_dir: str | Path, progress: bool = True,
         with _bars(progress) as bars:
             _prepare(run, bars)
             pipes = _load(run, bars)
+            _compile(run, pipes, prompts, bars)
             _images(run, pipes, prompts, bars)
             run.save(partial=True)
             _latency(run, pipes, prompts, bars)
+            _runtime_compile_columns(run, pipes)
             run.save(partial=True)
             _release(pipes)  # the probes' fresh processes get the RAM the loaded variants held
             _memory(run, bars)
@@ -246,8 +258,9 @@ def _swap_images(run: _Run) -> None:
 
 
 def _prepare(run: _Run, bars: _Bars) -> None:
-    """Exported rows: the directory each runs; torch specs under onnxruntime are exported once
-    into ``OUT/exports/<variant>/`` (before any model is loaded, so the export has the RAM)."""
+    """Exported rows: the directory each runs; torch specs under onnxruntime / openvino are exported
+    to ONNX once per spec into ``OUT/exports/<variant>/`` (before any model is loaded, so the export
+    has the RAM); OpenVINO reads that ONNX export as it is."""
     from sdwb.backends.registry import ensure_export
 
     todo = [s for s in run.scenarios if s.backend != "torch"]
@@ -285,7 +298,7 @@ def _load(run: _Run, bars: _Bars) -> dict[str, Any]:
             pipes[s.variant] = _load_exported(run, s, cache)
             advance()
             continue
-        key = (s.model, s.dtype, s.device)
+        key = (s.model, s.dtype, s.device) + ((s.variant,) if s.compile else ())  # compiled: its own copy
         if key not in cache:
             try:
                 cache[key] = load_pipeline(s.model, device=s.device, dtype=torch_dtype(s.dtype))
@@ -304,14 +317,15 @@ def _load(run: _Run, bars: _Bars) -> dict[str, Any]:
 
 
 def _load_exported(run: _Run, s: Scenario, cache: dict[tuple, Any]):
-    """Open an ONNX Runtime / TensorRT pipeline (hashes verified) and fill its static columns."""
-    from sdwb.backends.registry import exported_size_mb, onnx_param_counts, open_exported
+    """Open an ONNX Runtime / OpenVINO / TensorRT pipeline (hashes verified); fill its static columns."""
+    from sdwb.backends.registry import exported_param_counts, exported_size_mb, open_exported
 
     directory = run.model_dirs[s.variant]
-    key = (s.backend, str(directory.resolve()), s.device, s.threads)
+    key = (s.backend, str(directory.resolve()), s.device, s.threads, s.dtype)
     if key not in cache:
         try:
-            cache[key] = open_exported(s.backend, directory, device=s.device, threads=s.threads)
+            cache[key] = open_exported(s.backend, directory, device=s.device, threads=s.threads,
+                                       dtype=s.dtype)
         except SdwbError as e:
             raise SdwbError(f"variant {s.variant}: {e}") from None
     pipe = cache[key]
@@ -322,13 +336,61 @@ def _load_exported(run: _Run, s: Scenario, cache: dict[tuple, Any]):
                             f"{'fp16' if fp16 else 'fp32'} (set the variant's dtype to match)")
     row = run.rows[s.variant]
     if s.backend == "onnxruntime":
-        row.update(onnx_param_counts(directory, pipe.manifest))
+        row.update(exported_param_counts(directory, pipe.manifest))
         row["providers"] = ",".join(pipe.info.get("providers", []))
+    if s.backend == "openvino":
+        row.update(exported_param_counts(directory, pipe.manifest))
+        row["providers"] = f"openvino-{pipe.info['openvino'].split('-')[0]} CPU {pipe.info['precision']}"
     row["size_mb"] = exported_size_mb(directory, pipe.manifest)
     row["export_dir"] = _relative(directory, run.out)
     side = pipe.facts["sample_size"] * pipe.facts["vae_scale_factor"]
     row["height"], row["width"] = s.height or side, s.width or side
     return pipe
+
+
+def _check_compilable(scenarios: list[Scenario]) -> None:
+    """Rows with ``compile: true``: inductor must be able to build kernels for their device."""
+    from sdwb.torch_compile import check_compile
+
+    for s in scenarios:
+        if s.compile:
+            try:
+                check_compile(s.device)
+            except SdwbError as e:
+                raise SdwbError(f"variant {s.variant}: {e}") from None
+
+
+def _compile(run: _Run, pipes: dict, prompts: dict, bars: _Bars) -> None:
+    """Compiled torch rows (``compile: true``, each with its own loaded pipeline): the UNet is
+    wrapped by :func:`sdwb.torch_compile.compile_unet` and warmed by one untimed generation at the
+    row's own batch, size, steps, guidance, scheduler and threads, so the compile lands in neither
+    the images nor the timed runs (the ``warmup`` runs come on top). ``compile_s`` is the wall
+    time of that first call: the compile plus one denoising run of ``batch`` prompts (text
+    encoder, ``steps`` UNet calls, VAE decode), reported as it is, nothing subtracted. It is what
+    this row paid: a row whose graph this process already compiled (same UNet architecture,
+    dtype and shapes: dynamo reuses it across instances) or inductor's disk cache holds pays less."""
+    from bench.latency import batch_prompts, clock_for, fixed_threads
+    from sdwb.generate import generate
+    from sdwb.torch_compile import compile_unet
+
+    todo = [s for s in run.scenarios if s.backend == "torch" and s.compile]
+    advance = bars.task("compiling", len(todo)) if todo else None
+    for s in todo:
+        pipe, clock = compile_unet(pipes[s.variant], s.compile_mode), clock_for(s.device)
+        with fixed_threads(s.threads):  # inductor's CPU kernels keep the thread count they are built with
+            start = clock.now()
+            try:
+                generate(pipe, batch_prompts(prompts[s.variant][0], s.batch, 0), steps=s.steps,
+                         guidance=s.guidance, seed=s.seed, scheduler=s.scheduler, batch=s.batch,
+                         height=s.height, width=s.width, progress=False)
+            except SdwbError as e:
+                raise SdwbError(f"variant {s.variant}: {e}") from None
+            except Exception as e:  # inductor / dynamo failures are long multi-line reports
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise SdwbError(f"variant {s.variant}: torch.compile (mode {s.compile_mode}) failed: "
+                                f"{type(e).__name__}: {first}") from None
+            run.rows[s.variant]["compile_s"] = round(clock.now() - start, 3)
+        advance()
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -391,6 +453,15 @@ def _latency(run: _Run, pipes: dict, prompts: dict, bars: _Bars) -> None:
         measure(pipes, todo, {v: p[0] for v, p in prompts.items()}, on_run=on_run)
     except SdwbError as e:
         raise SdwbError(f"latency: {e}") from None
+
+
+def _runtime_compile_columns(run: _Run, pipes: dict) -> None:
+    """``compile_s`` of OpenVINO rows: seconds its runtime spent compiling the components for the
+    shapes this run called them with (untimed: compiled in the images phase or the warm-up)."""
+    for s in run.scenarios:
+        seconds = getattr(pipes.get(s.variant), "compile_seconds", None)
+        if s.backend == "openvino" and callable(seconds):
+            run.rows[s.variant]["compile_s"] = round(seconds(), 3)
 
 
 def _release(pipes: dict[str, Any]) -> None:

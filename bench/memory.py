@@ -45,6 +45,8 @@ def probe_command(scenario, allocate_mb: int = 0, gmacs: bool = True,
                         ("--width", scenario.width)):
         if value is not None:
             cmd += [flag, str(value)]
+    if getattr(scenario, "compile", False):  # a compiled row's peak includes its compile
+        cmd += ["--compile-mode", scenario.compile_mode]
     if allocate_mb:
         cmd += ["--allocate-mb", str(allocate_mb)]
     if not gmacs:

@@ -7,6 +7,8 @@ RSS belongs to this one variant. The result is the last stdout line, ``SDWB_PROB
 points), ``cuda_peak_mb`` (CUDA only) and, unless ``--no-gmacs``, ``unet_gmacs`` counted after the
 peak was read (counting copies the UNet).
 ``--allocate-mb N`` touches N MB more after generating: tests use it to check the probe sees it.
+``--compile-mode MODE`` (torch only): the UNet is ``torch.compile``d after loading
+(:mod:`sdwb.torch_compile`), so the peak includes the compile, as a compiled deployment's would.
 ``--backend onnxruntime|tensorrt``: ``--model`` is an export (engine) directory, opened as the
 benchmark opens it (``--threads`` = ONNX Runtime intra-op threads); GMACs are then counted on the
 source torch model named in its manifest (empty when the export came from an in-memory pipeline).
@@ -71,6 +73,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--prompt", default="a small red circle at the top on a gray background")
     p.add_argument("--allocate-mb", type=int, default=0)
+    p.add_argument("--compile-mode", default=None, help="torch.compile the UNet with this mode")
     p.add_argument("--no-gmacs", action="store_true")
     return p.parse_args(argv)
 
@@ -98,11 +101,17 @@ def probe(args: argparse.Namespace) -> dict:
     if exported:
         from sdwb.backends.registry import open_exported
 
-        pipe = open_exported(args.backend, args.model, device=device, threads=args.threads)
+        pipe = open_exported(args.backend, args.model, device=device, threads=args.threads,
+                             dtype=args.dtype)
         out["threads"] = args.threads or out["threads"]
     else:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         pipe = load_pipeline(args.model, device=device, dtype=dtype)
+        if args.compile_mode:
+            from sdwb.torch_compile import check_compile, compile_unet
+
+            check_compile(device)
+            compile_unet(pipe, args.compile_mode)
     out["rss_after_load_mb"] = current_rss_mb()
     generate(pipe, [args.prompt] * args.batch, steps=args.steps, guidance=args.guidance, seed=args.seed,
              scheduler=args.scheduler, batch=args.batch, height=args.height, width=args.width, progress=False)
@@ -116,12 +125,13 @@ def probe(args: argparse.Namespace) -> dict:
     del ballast
     if not args.no_gmacs:
         from sdwb.macs import unet_example_inputs, unet_macs
+        from sdwb.torch_compile import eager_unet
 
         if exported:
             pipe = _source_pipeline(pipe.manifest)
         if pipe is not None:
             inputs = unet_example_inputs(pipe, args.height, args.width)
-            out["unet_gmacs"] = unet_macs(pipe.unet, inputs)["gmacs"]
+            out["unet_gmacs"] = unet_macs(eager_unet(pipe), inputs)["gmacs"]  # counted on the modules
     return out
 
 

@@ -59,6 +59,7 @@ class Source:
     images: dict[str, list[Path]] = field(default_factory=dict)
     prompts: list[str] = field(default_factory=list)
     command: str | None = None
+    complete: bool = True  # False: partial results of a benchmark that did not finish (marked so)
 
 
 # --------------------------------------------------------------------------- loading
@@ -82,16 +83,18 @@ def _resolved(path: Path) -> Path:
     return path
 
 
-def _prompts_and_command(path: Path) -> tuple[list[str], str | None]:
-    """The prompts of a results file's images and the command that measured them, if recorded."""
+def _prompts_and_command(path: Path) -> tuple[list[str], str | None, bool]:
+    """The prompts of a results file's images, the command that measured them (if recorded), and
+    whether the results are complete (``results.partial.json`` / ``"complete": false`` are not)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # already checked by load_results; nothing to add then
-        return [], None
+        return [], None, path.name != PARTIAL_JSON
     if not isinstance(data, dict):
-        return [], None
+        return [], None, path.name != PARTIAL_JSON
     command = data.get("command")
-    return [str(p) for p in data.get("prompts") or []], str(command) if command else None
+    complete = data.get("complete") is not False and path.name != PARTIAL_JSON
+    return [str(p) for p in data.get("prompts") or []], str(command) if command else None, complete
 
 
 def load_sources(results_paths: list[Path]) -> tuple[pd.DataFrame, list[Source]]:
@@ -117,8 +120,8 @@ def load_sources(results_paths: list[Path]) -> tuple[pd.DataFrame, list[Source]]
             raise SdwbError(f"{_resolved(path)}: 'images' must map each variant to a list of image "
                             "paths") from None
         env = env if isinstance(env, dict) else {}
-        prompts, command = _prompts_and_command(_resolved(path))
-        sources.append(Source(label, _resolved(path), env, images, prompts, command))
+        prompts, command, complete = _prompts_and_command(_resolved(path))
+        sources.append(Source(label, _resolved(path), env, images, prompts, command, complete))
     df["source"] = df["env_index"].map(dict(enumerate(labels)))
     return df, sources
 
@@ -450,10 +453,21 @@ def _md_cell(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
+def _incomplete_text(sources) -> str | None:
+    partial = [s.label for s in sources if not s.complete]
+    if not partial:
+        return None
+    return (f"INCOMPLETE: {', '.join(partial)} holds partial results (the benchmark did not finish); "
+            "its rows are what was measured before it stopped.")
+
+
 def _markdown(header, body, notes, sources, figures: dict[str, str]) -> str:
-    lines = ["# sd-workbench benchmark report", ""]
+    incomplete = _incomplete_text(sources)
+    lines = ["# sd-workbench benchmark report" + (" (INCOMPLETE)" if incomplete else ""), ""]
+    lines += [f"**{incomplete}**", ""] if incomplete else []
     lines += ["Rendered from saved results (no model was run):", ""]
-    lines += [f"- `{s.label}`: `{s.path}`" for s in sources] + [""]
+    lines += [f"- `{s.label}`: `{s.path}`" + ("" if s.complete else " (**incomplete**)")
+              for s in sources] + [""]
     lines += ["## Results", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in body]
     lines += ["", f"{MISSING} = not measured / not applicable; speed-up and Δ are against the baseline row "
@@ -480,10 +494,14 @@ dt{font-weight:600}img{max-width:100%}.fig{margin:1em 0}.wide{overflow-x:auto}
 
 def _html(header, body, notes, sources, figures: dict[str, bytes]) -> str:
     e = html.escape
+    incomplete = _incomplete_text(sources)
     out = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>sd-workbench report</title>",
-           f"<style>{_CSS}</style></head><body><h1>sd-workbench benchmark report</h1>",
+           f"<style>{_CSS}</style></head><body><h1>sd-workbench benchmark report"
+           + (" (INCOMPLETE)" if incomplete else "") + "</h1>",
+           *([f"<p><strong>{e(incomplete)}</strong></p>"] if incomplete else []),
            "<p>Rendered from saved results (no model was run): "
-           + ", ".join(f"<code>{e(s.label)}</code> ({e(str(s.path))})" for s in sources) + ".</p>",
+           + ", ".join(f"<code>{e(s.label)}</code> ({e(str(s.path))})"
+                       + ("" if s.complete else " (incomplete)") for s in sources) + ".</p>",
            "<h2>Results</h2><div class='wide'><table><tr>"
            + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
     for row in body:

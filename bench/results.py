@@ -256,6 +256,15 @@ def _read_json(path: Path) -> dict:
         raise SdwbError(f"{path}: cannot read results: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         raise SdwbError(f"{path}: not a results file (expected an object with a 'rows' list)")
+    bad = next((i for i, row in enumerate(data["rows"]) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise SdwbError(f"{path}: rows[{bad}] is {type(data['rows'][bad]).__name__}, expected an object "
+                        "(one row per variant, as sdwb bench writes them)")
+    for key, kind, what in (("samples", dict, "map each variant to its per-run lists"),
+                            ("images", dict, "map each variant to a list of image paths"),
+                            ("prompts", list, "be a list"), ("environment", dict, "be an object")):
+        if data.get(key) is not None and not isinstance(data[key], kind):
+            raise SdwbError(f"{path}: '{key}' must {what}")
     return data
 
 

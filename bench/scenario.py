@@ -27,6 +27,7 @@ from pydantic.fields import FieldInfo
 from sdwb.backends.registry import BACKENDS, Backend
 from sdwb.errors import SdwbError
 from sdwb.schema_errors import format_errors, lower, short
+from sdwb.torch_compile import CompileMode
 from sdwb.yaml_io import DType, Scheduler, apply_overrides, parse_override
 from sdwb.yaml_io import read_yaml as _read_yaml
 
@@ -46,6 +47,9 @@ class Settings(BaseModel):
     backend: Backend = Field("torch", description=" | ".join(BACKENDS) + " (see bench.harness)")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="auto: cuda when available")
     dtype: DType = "fp32"
+    compile: bool = Field(False, description="torch only: torch.compile the UNet (inductor, static shapes); "
+                          "compiled and warmed at load time, the compile reported as compile_s")
+    compile_mode: CompileMode = Field("default", description="torch.compile mode (with compile: true)")
     threads: Optional[int] = Field(None, ge=1, description="intra-op threads (torch, and ONNX Runtime "
                                    "sessions); None: torch's default, used for both")
     batch: int = Field(1, ge=1, le=256, description="prompts per pipeline call (one timed run)")
@@ -142,7 +146,8 @@ class BenchConfig(BaseModel):
             for i, v in enumerate(self.variants):
                 if key in v.model_fields_set:
                     raise ValueError(f"variants.{i}.{key}: also swept in sweep.{key}; set one or the other")
-        self.scenarios()  # every combination must validate
+        for s in self.scenarios():  # every combination must validate
+            _check_compile(s)
         return self
 
     def scenarios(self) -> list[Scenario]:
@@ -183,6 +188,14 @@ class BenchConfig(BaseModel):
                 return label
         raise ValueError(f"baseline: {self.baseline!r} is not a variant (expected one of "
                          f"{', '.join(r[0] for r in rows)})")
+
+
+def _check_compile(s: Scenario) -> None:
+    """``compile: true`` is a torch option: refused on a row of any other backend."""
+    if s.compile and s.backend != "torch":
+        row = f" (row {s.variant})" if s.variant != s.base_variant else ""
+        raise ValueError(f"variants.{s.base_variant}{row}: compile: true with backend {s.backend}: "
+                         "torch.compile is a torch backend option (set backend: torch or compile: false)")
 
 
 def _label(value: Any) -> str:

@@ -41,6 +41,11 @@ def _check_device(config: QuantConfig, device: str) -> None:
 
     if backend_of(config) == "torch":
         check_supported(config, device)
+    else:  # a graph method's optional library (openvino + nncf): named before any work
+        from sdwb.quant.registry import REQUIREMENTS
+
+        if config.method in REQUIREMENTS:
+            REQUIREMENTS[config.method]()
     if config.method == "ort-fp16":
         import onnxruntime as ort
 
@@ -60,7 +65,7 @@ def _float_source(source, backend: str):
     src = load_source(source, refuse={
         "quantize": "{spec}: already quantized ({method}); quantize its parent ({parent}) instead",
     }, export_error=None)
-    if src.export_dir is not None and backend != "onnxruntime":
+    if src.export_dir is not None and backend == "torch":
         raise SdwbError(f"{src.parent['spec']}: an ONNX export; torch methods need a diffusers pipeline "
                         "directory or builtin model")
     return src.pipe, src.export_dir, src.parent
@@ -84,8 +89,8 @@ def quantize(
     backend = backend_of(config)
     if out is not None and Path(out).exists() and not overwrite:
         raise SdwbError(f"{out}: already exists (refusing to overwrite a finished variant; --overwrite)")
-    if backend == "onnxruntime" and out is None:
-        raise SdwbError(f"{config.method}: ONNX Runtime methods write an export directory: give an output")
+    if backend != "torch" and out is None:
+        raise SdwbError(f"{config.method}: {backend} methods write an export directory: give an output")
     if not isinstance(source, (str, Path)):
         _check_device(config, _pipe_device(source))
     else:
@@ -94,6 +99,10 @@ def quantize(
     pipe, export_dir, parent = _float_source(source, backend)
     if backend == "torch":
         return _quantize_torch(pipe, config, out, overwrite, parent, say)
+    if backend == "openvino":
+        from compress.ov_variant import quantize_ov
+
+        return quantize_ov(pipe, export_dir, config, Path(out), overwrite, parent, say, exporter)
     from compress.ort_variant import quantize_ort
 
     return quantize_ort(pipe, export_dir, config, Path(out), overwrite, parent, say, exporter)

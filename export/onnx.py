@@ -325,8 +325,13 @@ def export_onnx(
     external_data_threshold: int = TWO_GB,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    references: dict | None = None,
 ) -> dict:
     """Export, validate and hash ``components`` of a pipeline (or model spec) into ``out_dir``.
+
+    ``references``: when given, filled with ``{component: (interface, PyTorch's outputs at the
+    validation points)}``, so a converter of this export (``export.openvino``) validates its own
+    graphs against PyTorch on the same inputs without loading the model again.
 
     Returns the manifest (also written to ``out_dir/manifest.json``). Raises :class:`SdwbError`
     on bad arguments, a failed export, or a component beyond tolerance; then ``out_dir`` is
@@ -393,6 +398,8 @@ def export_onnx(
             export_s = time.perf_counter() - started
             say(f"validating {name}")
             reference = reference_outputs(module, iface)
+            if references is not None:
+                references[name] = (iface, reference)
             del module  # torch's copy of the weights goes before ONNX Runtime loads its own
             gc.collect()
             validation = validate_component(tmp / name / MODEL_FILE, reference, iface)

@@ -22,10 +22,13 @@ VERBS = (
     "bench",
     "quantize (torch)",
     "quantize (onnxruntime)",
+    "quantize (openvino)",
     "prune",
     "distill",
     "export onnx",
     "backend onnxruntime",
+    "export openvino",
+    "backend openvino",
     "export tensorrt",
 )
 

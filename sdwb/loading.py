@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from sdwb.families import (
 )
 from sdwb.variants.pruned import pruned_components
 from sdwb.variants.record import is_quantized, read_record
+from sdwb.verify import check_readable, check_safetensors, verify_model  # noqa: F401  (re-exported)
 from sdwb.zoo import BUILTIN_PREFIX, get_builtin, missing_message
 
 NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the torch modules of a pipeline
@@ -81,53 +81,14 @@ def _layout(kind: str) -> str:
     return "diffusers StableDiffusion(XL)Pipeline" if kind == "pipeline" else "Hugging Face CLIPModel"
 
 
-def check_safetensors(path: Path) -> None:
-    """Refuse a truncated or corrupt safetensors file by reading only its header.
-
-    The format is an 8-byte little-endian header length, a JSON header giving each tensor's
-    byte range, then the data; the ranges must lie in, and exactly cover, the data section.
-    """
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"file is {size} bytes, shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise ValueError(f"header claims {n} bytes but the file has {size - 8} after the length")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        data = size - 8 - n
-        end = 0
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, stop = info["data_offsets"]
-            if not 0 <= begin <= stop <= data:
-                raise ValueError(
-                    f"tensor '{name}' spans bytes {begin}-{stop} of a {data}-byte data section (truncated?)"
-                )
-            end = max(end, stop)
-        if end != data:
-            raise ValueError(f"tensors cover {end} bytes but the data section has {data}")
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise SdwbError(f"corrupt weights: {path}: {exc}") from None
-
-
-def _check_weights(directory: Path) -> None:
-    for file in sorted(directory.rglob("*.safetensors")):
-        check_safetensors(file)
-
-
 def _check_pipeline_layout(path: Path) -> str:
     """The pipeline class of the diffusers directory ``path``, after checking its components."""
     if not path.is_dir():
         raise SdwbError(f"not a directory: {path} (expected a {_layout('pipeline')} directory)")
+    check_readable(path)
     index_file = path / "model_index.json"
     if not index_file.is_file():
-        raise SdwbError(f"not a diffusers pipeline directory: no model_index.json in {path}")
+        _not_a_pipeline(path)
     try:
         index = json.loads(index_file.read_text())
     except (OSError, ValueError) as exc:
@@ -141,6 +102,23 @@ def _check_pipeline_layout(path: Path) -> str:
         if not (path / comp).is_dir():
             raise SdwbError(f"wrong layout: {path} has no {comp}/ directory (listed in model_index.json)")
     return cls
+
+
+def _not_a_pipeline(path: Path) -> None:
+    """Why ``path`` (no ``model_index.json``) is not a pipeline: a corrupt export manifest is named as
+    corrupt (not as "no manifest"), an intact one as an export to run on its backend."""
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise SdwbError(f"corrupt {manifest}: {' '.join(str(exc).split())} (truncated? re-run the export)"
+                            ) from None
+        if isinstance(data, dict) and data.get("format"):
+            raise SdwbError(f"{path}: an export ({data['format']}), not a diffusers pipeline directory; run "
+                            "it with --backend onnxruntime (or the backend it was made for)")
+        raise SdwbError(f"corrupt {manifest}: no 'format' (not a manifest sdwb wrote)")
+    raise SdwbError(f"not a diffusers pipeline directory: no model_index.json in {path}")
 
 
 def spec_family(spec: str) -> Family:
@@ -191,14 +169,14 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.flo
         return getattr(importlib.import_module(module), function)(device=device, dtype=dtype)
     path = resolve_spec(spec, "pipeline")
     cls = _check_pipeline_layout(path)
-    _check_weights(path)
+    verify_model(spec, path, "pipeline")  # hashes, pickle, symlinks, truncation (sdwb.verify)
     components = pruned_components(path)  # a pruned variant's UNet, rebuilt from its sdwb.json
     import diffusers
 
     extra = {"safety_checker": None, "requires_safety_checker": False} if "XL" not in cls else {}
     try:
         pipe = getattr(diffusers, cls).from_pretrained(
-            path, dtype=dtype, local_files_only=True, **extra, **components,
+            path, dtype=dtype, local_files_only=True, use_safetensors=True, **extra, **components,
         )
     except Exception as exc:
         raise SdwbError(
@@ -243,13 +221,15 @@ def load_judge(spec: str = "builtin:shapes-judge", device: str = "cpu"):
     path = resolve_spec(spec, "judge")
     if not path.is_dir():
         raise SdwbError(f"not a directory: {path} (expected a {_layout('judge')} directory)")
+    check_readable(path)
     if not (path / "config.json").is_file():
         raise SdwbError(f"not a Hugging Face model directory: no config.json in {path}")
-    _check_weights(path)
+    verify_model(spec, path, "judge")
     from transformers import CLIPModel, CLIPProcessor
 
     try:
-        model = CLIPModel.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        model = CLIPModel.from_pretrained(path, dtype=torch.float32, local_files_only=True,
+                                          use_safetensors=True)
         processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise SdwbError(f"could not load CLIP judge from {path}: {type(exc).__name__}: {exc}") from None

@@ -92,13 +92,22 @@ def atomic_dir(final_path: str | Path, overwrite: bool = False) -> Iterator[Path
     On any exception (Ctrl-C included) the temporary directory is removed and the exception
     re-raised, so nothing half-built is left under ``final_path``. An existing ``final_path`` is
     an error unless ``overwrite``: then it is replaced only after the new one is complete.
+
+    The temporary directory is claimed with a lock held while it is built
+    (:mod:`sdwb.store_lock`); ``<final>.tmp-*`` directories whose lock no live process holds
+    (a ``kill -9``) are removed here first.
     """
+    from sdwb.store_lock import claim_tmp_dir, release_tmp_lock, remove_stale_tmp
+
     final = Path(final_path)
     if final.exists() and not overwrite:
         raise SdwbError(f"{final}: already exists (refusing to overwrite a finished artifact)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual directory mode
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise SdwbError(f"{final}: cannot create it: a file is in the way of its parent directory") from None
+    remove_stale_tmp(final)
+    tmp, owner = claim_tmp_dir(final)
     try:
         yield tmp
         if final.exists():  # overwrite: move the old one aside, swap in the new one, then delete
@@ -111,6 +120,8 @@ def atomic_dir(final_path: str | Path, overwrite: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        release_tmp_lock(owner)
 
 
 WORK_RUN_FILE = "run.json"
@@ -164,4 +175,36 @@ def check_writable_file(path: str | Path, suffixes: tuple[str, ...] | None = Non
         raise SdwbError(f"{path}: cannot create directory {path.parent}: {e.strerror or e}") from None
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise SdwbError(f"{path}: not writable")
+    _probe_write(path.parent, str(path))
+    return path
+
+
+def _probe_write(directory: Path, label: str) -> None:
+    """Create and remove a file in ``directory``: catches what ``os.access`` cannot (a read-only
+    filesystem, a full quota; root passes every ``os.access``)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sdwb-write-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise SdwbError(f"{label}: cannot write into {directory}: {e.strerror or e}") from None
+
+
+def check_writable_dir(path: str | Path, label: str = "output") -> Path:
+    """Validate an output directory before any work (loading a model, training): not a file, its
+    nearest directory creatable and writable. Creates the parent, never ``path`` itself.
+
+    ``label`` names the input in the error (``--output runs/x``, ``--store runs/stages``).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SdwbError(f"{label}: exists and is not a directory")
+    where = path if path.is_dir() else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SdwbError(f"{label}: cannot create directory {where}: {e.strerror or e}") from None
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise SdwbError(f"{label}: not writable ({where})")
+    _probe_write(where, label)
     return path

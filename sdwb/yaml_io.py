@@ -139,3 +139,55 @@ def read_with_flags(path: str | Path | None, overrides: list[str] | None, flags:
         else:
             data[key] = value
     return data, source
+
+
+# --------------------------------------------------------------------------- include: FILE
+
+INCLUDE_PATH_ENV = "SDWB_INCLUDE_PATH"  # more directories ``include:`` may read (os.pathsep-separated)
+INCLUDE_SUFFIXES = (".yaml", ".yml")
+
+
+def include_roots(recipe_file: Path) -> list[Path]:
+    """The directories an ``include:`` of ``recipe_file`` may read from: the recipe's own directory,
+    the repository's ``configs/``, ``./configs`` of the working directory, and the directories
+    listed in ``$SDWB_INCLUDE_PATH`` (all resolved, symlinks followed)."""
+    import os
+
+    roots = [Path(recipe_file).resolve().parent, Path(__file__).resolve().parents[1] / "configs",
+             Path.cwd() / "configs"]
+    roots += [Path(p).expanduser() for p in os.environ.get(INCLUDE_PATH_ENV, "").split(os.pathsep) if p]
+    out: list[Path] = []
+    for root in roots:
+        root = root.resolve()
+        if root not in out:
+            out.append(root)
+    return out
+
+
+def resolve_include(name: str, recipe_file: Path, where: str) -> Path:
+    """The YAML file an ``include: name`` of ``recipe_file`` reads, or a one-line error.
+
+    Why the confinement: ``include:`` once read any file the user could read and printed its lines
+    as "unknown key" errors (``include: /etc/shadow``). Now the file must be a ``.yaml``/``.yml``
+    whose real path (symlinks followed) lies under :func:`include_roots`; anything else is refused
+    without being opened, and no error quotes a refused file's content. ``name`` is tried relative
+    to the working directory, the recipe's directory and the repository.
+    """
+    roots = include_roots(recipe_file)
+    candidates = [Path(name).expanduser(), Path(recipe_file).parent / name,
+                  Path(__file__).resolve().parents[1] / name]
+    allowed = []
+    for candidate in candidates:
+        real = candidate.resolve()
+        if any(real == root or root in real.parents for root in roots):
+            allowed.append(candidate)
+    shown = ", ".join(str(r) for r in roots[:2]) + f", ./configs or ${INCLUDE_PATH_ENV}"
+    if not allowed:
+        raise SdwbError(f"{where}: {name}: outside the directories an include may read ({shown}); "
+                        "copy the file there")
+    found = next((c for c in allowed if c.is_file()), None)
+    if found is None:
+        raise SdwbError(f"{where}: {name}: file not found")
+    if found.suffix.lower() not in INCLUDE_SUFFIXES:
+        raise SdwbError(f"{where}: {name}: expected a YAML file ({' or '.join(INCLUDE_SUFFIXES)})")
+    return found

@@ -112,7 +112,8 @@ def test_generate_onnxruntime_matches_torch_through_the_cli(tiny_pipeline_dir, o
         (["--backend", "onnxruntime"],
          ["builtin:tiny-shapes", "sdwb export onnx --model builtin:tiny-shapes"]),
         (["--backend", "onnxruntime", "--model", "{onnx}", "--dtype", "bf16"], ["--dtype bf16", "fp32"]),
-        (["--backend", "openvino", "--model", "{onnx}"], ["--backend openvino", "onnxruntime"]),
+        (["--backend", "nonesuch", "--model", "{onnx}"], ["--backend nonesuch", "onnxruntime", "openvino"]),
+        (["--backend", "openvino", "--model", "{tiny}"], ["not an OpenVINO IR or ONNX export directory"]),
         (["--backend", "tensorrt", "--model", "{onnx}"], ["TensorRT"]),
     ],
 )

@@ -411,9 +411,14 @@ def test_lcm_student_samples_with_lcm_scheduler_one_call_per_step(tiny_pipeline_
     first = generate(pipe, PROMPTS, batch=2, progress=False)
     assert batches == [2] * 4  # guidance distilled in: one call of batch B per step, 4 steps
     again = generate(pipe, PROMPTS, batch=1, progress=False)  # LCM re-noises: still seeded per image
-    assert [a.tobytes() for a in first] == [b.tobytes() for b in again]
-    # exported, it keeps the LCM sampler and matches torch on ONNX Runtime
     import numpy as np
+
+    # the same image whatever the batch (another seed would differ everywhere); not bitwise: the
+    # CPU kernels may sum in another order for a batch of 2 than of 1
+    for a, b in zip(first, again):
+        diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+        assert diff.max() <= 2, diff.max()
+    # exported, it keeps the LCM sampler and matches torch on ONNX Runtime
 
     from export.onnx import export_onnx
     from sdwb.backends.onnxruntime import OrtStableDiffusionPipeline

@@ -275,7 +275,7 @@ def test_cli_export_and_generate_with_backend(tiny_pipeline_dir, tmp_path):
     got = generate_with_backend("onnxruntime", out, PROMPTS[:1], threads=1, **kw)
     assert _psnr(ref[0], got[0]) >= 40.0
     with pytest.raises(SdwbError, match="--backend"):
-        generate_with_backend("openvino", out, PROMPTS[:1], **kw)
+        generate_with_backend("nonesuch", out, PROMPTS[:1], **kw)
     with pytest.raises(SdwbError, match="not an ONNX export directory"):
         generate_with_backend("onnxruntime", model, PROMPTS[:1], **kw)
     args = ["onnx", "--model", str(model), "-o", str(tmp_path / "x"), "--components", "vae"]

@@ -70,7 +70,8 @@ def ort_static(tiny, tmp_path_factory, calib_cfg):
 def test_registry_has_every_method_and_one_line_errors():
     assert set(METHODS) == {"torch-bf16", "torch-fp16", "torch-int8-dynamic", "torch-int8-static",
                             "torchao-int8-weight-only",
-                            "torchao-int4-weight-only", "ort-int8-dynamic", "ort-int8-static", "ort-fp16"}
+                            "torchao-int4-weight-only", "ort-int8-dynamic", "ort-int8-static", "ort-fp16",
+                            "ov-int8-weights", "ov-int8-static", "ov-int8-hybrid"}
     with pytest.raises(SdwbError) as e:
         parse_quant_config({"method": "int3-magic"}, "x.yaml")
     assert "x.yaml: method: unknown method 'int3-magic'" in one_line(e) and "torch-bf16" in str(e.value)
@@ -408,7 +409,7 @@ def test_cli_quantize_then_generate(tiny, tmp_path, capsys):
     (["--method", "int3"], "unknown method 'int3'"),
     (["--method", "torch-bf16", "--set", "guard.bogus=1"], "guard.bogus: unknown key"),
     (["--method", "torch-bf16", "--components", "unet,clip"], "--components"),
-    (["--method", "torch-bf16", "--calib-prompts", "4"], "only ort-int8-static calibrates"),
+    (["--method", "torch-bf16", "--calib-prompts", "4"], "torch-bf16 does not calibrate"),
 ])
 def test_cli_bad_input_is_one_line(args, expected, tiny, tmp_path, capsys):
     code, _, err = _cli(["compress", "quantize", "--model", tiny, "-o", str(tmp_path / "v"), *args], capsys)
@@ -471,12 +472,13 @@ def test_every_registered_method_has_its_applier_and_is_in_the_union():
     import typing
 
     from compress.ort_variant import GRAPH_QUANTIZERS
+    from compress.quant_ov import QUANTIZERS as OV_QUANTIZERS
     from sdwb.quant.config import METHOD_INFO, QuantConfig, methods_help
     from sdwb.quant.torch_methods import APPLIERS
 
+    tables = {"torch": APPLIERS, "onnxruntime": GRAPH_QUANTIZERS, "openvino": OV_QUANTIZERS}
     for name in METHODS:
-        table = APPLIERS if METHOD_INFO[name]["backend"] == "torch" else GRAPH_QUANTIZERS
-        assert name in table, f"{name}: registered without an applier"
+        assert name in tables[METHOD_INFO[name]["backend"]], f"{name}: registered without an applier"
         assert name in methods_help()
     assert set(typing.get_args(QuantConfig)) == set(METHODS.values())
-    assert set(APPLIERS) | set(GRAPH_QUANTIZERS) == set(METHODS)
+    assert set(APPLIERS) | set(GRAPH_QUANTIZERS) | set(OV_QUANTIZERS) == set(METHODS)

@@ -29,6 +29,14 @@ def bench_command(
     ] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu | cuda | auto.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp32 | bf16 | fp16.")] = None,
+    compile_: Annotated[
+        Optional[bool], typer.Option("--compile/--no-compile", help="torch rows: torch.compile the UNet "
+                                     "(compiled and warmed at load time; its time is the compile_s column).")
+    ] = None,
+    compile_mode: Annotated[
+        Optional[str], typer.Option(help="torch.compile mode: default | reduce-overhead | max-autotune | "
+                                    "max-autotune-no-cudagraphs.")
+    ] = None,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps.")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="ddim | euler | dpmpp | lcm.")] = None,
@@ -39,7 +47,7 @@ def bench_command(
     repeats: Annotated[Optional[int], typer.Option(help="Timed runs per variant.")] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Warm-up runs per variant.")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Prompts per pipeline call.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (torch and ONNX Runtime).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Threads (torch, ONNX Runtime, OpenVINO).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of image 0.")] = None,
     metrics: Annotated[
         Optional[str], typer.Option(help="Comma list of latency,memory,quality (default all).")
@@ -56,15 +64,17 @@ def bench_command(
     Flags set the config's defaults (a variant's own setting still wins); --set KEY=VALUE edits any
     key (defaults.steps=4, variants.1.dtype=bf16). Writes DIR/results.csv, DIR/results.json,
     DIR/config.resolved.yaml and DIR/images/<variant>/<i>.png (default DIR: runs/<name>-<hash>).
-    --backend onnxruntime takes an `sdwb export onnx` directory, or a model spec that is exported
-    (and validated) once into DIR/exports/<variant>/; --backend tensorrt takes an engine directory.
+    --backend onnxruntime / openvino take an export directory (OpenVINO: ONNX or IR), or a model
+    spec that is exported to ONNX (and validated) once into DIR/exports/<variant>/; --backend
+    tensorrt takes an engine directory.
     """
     from bench.harness import run_bench
     from bench.results import python_command
     from bench.scenario import load_bench_config, quick_config
 
     settings: dict[str, Any] = {
-        "backend": backend, "device": device, "dtype": dtype, "steps": steps, "guidance": guidance,
+        "backend": backend, "device": device, "dtype": dtype, "compile": compile_,
+        "compile_mode": compile_mode, "steps": steps, "guidance": guidance,
         "scheduler": scheduler, "n_prompts": prompts, "prompts": prompt_set, "repeats": repeats,
         "warmup": warmup, "batch": batch, "threads": threads, "seed": seed, "judge": judge,
         "metrics": [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None,
@@ -84,7 +94,9 @@ def bench_command(
 
         out = run_dir(cfg.name, config_hash(resolved_dict(cfg)))
     from sdwb.app.recipe_run import resolve_recipe_models
+    from sdwb.runs import check_writable_dir
 
+    check_writable_dir(out, f"--out {out}")  # before any model is loaded or timed
     cfg = resolve_recipe_models(cfg)
     _quiet_library_progress()
     df = run_bench(cfg, out, progress=progress, command=python_command())

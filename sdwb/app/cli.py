@@ -8,6 +8,7 @@ Heavy libraries (torch, diffusers) are imported inside the commands so ``sdwb --
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -72,8 +73,17 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
+    follow_symlinks: Annotated[
+        bool,
+        typer.Option("--follow-symlinks", help="Load models whose directory holds symlinks leading out of it "
+                     "(refused otherwise; same as SDWB_FOLLOW_SYMLINKS=1). Give it before the command."),
+    ] = False,
 ) -> None:
     """sd-workbench: make Stable Diffusion cheaper to run and prove it."""
+    if follow_symlinks:  # the environment, so worker processes (memory probe, gate) inherit it
+        from sdwb.verify import FOLLOW_SYMLINKS_ENV
+
+        os.environ[FOLLOW_SYMLINKS_ENV] = "1"
 
 
 def _console():
@@ -183,6 +193,14 @@ def generate(
     height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: model's).")] = None,
     width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: model's).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp32 | bf16 | fp16 (default fp32).")] = None,
+    compile_: Annotated[
+        bool, typer.Option("--compile", help="torch backend: torch.compile the UNet (inductor, static "
+                           "shapes); the first call compiles, tens of seconds on a CPU.")
+    ] = False,
+    compile_mode: Annotated[
+        Optional[str], typer.Option(help="With --compile: default | reduce-overhead | max-autotune | "
+                                    "max-autotune-no-cudagraphs (default: default).")
+    ] = None,
     backend: Annotated[
         str,
         typer.Option(
@@ -196,6 +214,9 @@ def generate(
     ] = None,
     set_: SetOption = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a STEM.json beside OUTPUT that sdwb generate did not write.")
+    ] = False,
 ) -> None:
     """Generate images (see GENERATE_HELP): recipe + flags -> pipeline -> image files + json."""
     from sdwb.app.recipe_schema import config_hash, load_recipe, recipe_from_dict, resolved_dict
@@ -203,6 +224,9 @@ def generate(
 
     if backend not in ("auto", *BACKENDS):
         raise SdwbError(f"--backend {backend}: expected auto, {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
+    from sdwb.preflight import check_prompts, check_resolution, check_sidecar
+
+    check_prompts(prompt)  # before anything is loaded: a bad byte is the user's, not an internal error
     recipe = load_recipe(config, set_)
     flags = {"model": model, "steps": steps, "guidance": guidance, "seed": seed, "scheduler": scheduler,
              "batch": batch, "height": height, "width": width, "dtype": dtype}
@@ -218,12 +242,16 @@ def generate(
             data["generate"][key] = value
     recipe = recipe_from_dict(data, "command line")
     g = recipe.generate
-    if backend == "auto":
-        from sdwb.variants.manifest import is_export_dir
+    if backend == "auto":  # what the model directory's manifest says it is
+        from sdwb.backends.registry import backend_for
 
-        backend = "onnxruntime" if is_export_dir(recipe.model) else "torch"
+        backend = backend_for(recipe.model)
     output = check_writable_file(output, IMAGE_SUFFIXES)
+    check_sidecar(output.with_suffix(".json"), output, overwrite)
     device = _resolve_device(device)
+    check_resolution(recipe.model, g.height, g.width, images=g.batch,
+                     dtype_bytes=4 if g.dtype == "fp32" else 2, device=device)
+    compiled = _compile_mode(compile_, compile_mode, backend, device)
 
     import torch
 
@@ -239,6 +267,10 @@ def generate(
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[g.dtype]
         with _console().status(f"loading {recipe.model}", spinner="dots"):
             pipe = load_pipeline(recipe.model, device=device, dtype=torch_dtype)
+        if compiled:
+            from sdwb.torch_compile import compile_unet
+
+            compile_unet(pipe, compiled)
         images = run_generate(pipe, prompts, **kw)
     else:
         images = _generate_exported(backend, recipe.model, g.dtype, device, prompts, kw)
@@ -260,6 +292,7 @@ def generate(
         "model": recipe.model,
         "backend": backend,
         "device": device,
+        "compile": compiled,
         "output": str(output),
         "images": [{"prompt": p, "seed": g.seed + k, "file": f}
                    for k, (p, f) in enumerate(zip(prompts, files))],
@@ -271,17 +304,37 @@ def generate(
     typer.echo(f"wrote {output} ({len(images)} image{'s' if len(images) > 1 else ''}) and {meta}")
 
 
+def _compile_mode(compile_: bool, mode: str | None, backend: str, device: str) -> str | None:
+    """The torch.compile mode ``generate`` runs with (None: eager), checked before anything loads:
+    torch backend only, a known mode, and a compiler inductor can use (:mod:`sdwb.torch_compile`)."""
+    if not compile_:
+        if mode is not None:
+            raise SdwbError(f"--compile-mode {mode}: needs --compile")
+        return None
+    if backend != "torch":
+        raise SdwbError(f"--compile: torch.compile is a torch backend option, not one of --backend {backend} "
+                        "(use --backend torch, or leave out --compile)")
+    from sdwb.torch_compile import COMPILE_MODES, check_compile
+
+    mode = mode or "default"
+    if mode not in COMPILE_MODES:
+        raise SdwbError(f"--compile-mode {mode}: expected one of {', '.join(COMPILE_MODES)}")
+    check_compile(device)
+    return mode
+
+
 def _generate_exported(backend: str, model: str, dtype: str, device: str, prompts: list[str],
                        kw: dict) -> list:
-    """``--backend onnxruntime|tensorrt``: ``model`` must be an export (engine) directory."""
+    """``--backend onnxruntime|openvino|tensorrt``: ``model`` must be an export (engine) directory."""
     from sdwb.app.export_cli import generate_with_backend
-    from sdwb.backends.registry import check_model
+    from sdwb.backends.registry import TABLE, check_model
 
-    if dtype != "fp32":
-        raise SdwbError(f"--dtype {dtype}: --backend {backend} runs the export's own precision (exports "
-                        "are fp32; fp16 TensorRT engines come from `sdwb export tensorrt --fp16`); use fp32")
+    dtypes = TABLE[backend].dtypes if backend != "tensorrt" else ("fp32",)
+    if dtype not in dtypes:
+        raise SdwbError(f"--dtype {dtype}: --backend {backend} runs {' or '.join(dtypes)} (exports are fp32 "
+                        "graphs; fp16 TensorRT engines come from `sdwb export tensorrt --fp16`)")
     check_model(backend, model)  # one-line error naming the export to run first
-    return generate_with_backend(backend, model, prompts, device=device, **kw)
+    return generate_with_backend(backend, model, prompts, device=device, exported_dtype=dtype, **kw)
 
 
 # --------------------------------------------------------------------------- data
@@ -410,6 +463,29 @@ def _disable_library_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
+_ENVIRONMENT_ERRNOS = (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a ``SystemExit`` came from a ``KeyboardInterrupt`` (its cause or context chain)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _internal(exc: BaseException) -> SystemExit:
+    """``error: internal: ...`` (exit 1) for an exception that is no user error, as ``main`` prints it."""
+    if os.environ.get("SDWB_DEBUG") == "1":
+        raise exc
+    sys.stderr.write(
+        f"error: internal: {type(exc).__name__}: {_one_line(exc)} (set SDWB_DEBUG=1 for a traceback)\n"
+    )
+    return SystemExit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; turn errors into one ``error:`` line on stderr and a non-zero exit code."""
     _quiet_libraries()
@@ -423,6 +499,16 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         sys.exit(130)
+    except SystemExit as e:  # typer turns Ctrl-C into exit 130 before the handler above sees it
+        if e.code == 130 and _interrupted(e):
+            sys.stderr.write("error: interrupted\n")
+        raise
+    except OSError as e:
+        if os.environ.get("SDWB_DEBUG") == "1" or e.errno not in _ENVIRONMENT_ERRNOS:
+            raise _internal(e) from None
+        where = f"{e.filename}: " if e.filename else ""  # unreadable input, full disk: the user's to fix
+        sys.stderr.write(f"error: {where}{e.strerror or _one_line(e)}\n")
+        sys.exit(2)
     except Exception as e:
         if os.environ.get("SDWB_DEBUG") == "1":
             raise

@@ -52,6 +52,15 @@ def _components(text: Optional[str]) -> Optional[list[str]]:
     return names
 
 
+def _check_output(output: Path, overwrite: bool) -> None:
+    """The variant directory can be written, checked before the model loads or anything trains."""
+    from sdwb.runs import check_writable_dir
+
+    if output.exists() and not overwrite:
+        raise SdwbError(f"{output}: already exists (refusing to overwrite a finished variant; --overwrite)")
+    check_writable_dir(output, f"--output {output}")
+
+
 def _quiet_libraries(method: str) -> None:
     """No tqdm bars from diffusers/transformers saving and loading; optional libraries imported quietly."""
     from diffusers.utils import logging as diffusers_logging
@@ -86,7 +95,7 @@ def quantize_command(
         Optional[str], typer.Option(help="Comma list of unet,text_encoder,vae_decoder (default: unet).")
     ] = None,
     calib_prompts: Annotated[
-        Optional[int], typer.Option(help="Calibration prompts (ort-int8-static).")
+        Optional[int], typer.Option(help="Calibration prompts (*-int8-static, ov-int8-hybrid).")
     ] = None,
     min_psnr: Annotated[Optional[float], typer.Option(help="Guard floor, dB vs the float model.")] = None,
     set_: _set_option("guard.steps=4") = None,
@@ -95,20 +104,23 @@ def quantize_command(
     """Quantize a model with one method; probe it against the float model; write the variant + sdwb.json.
 
     torch methods write a diffusers directory (loads with `sdwb generate --model DIR`, benches with
-    `sdwb bench`); ort-* methods write an ONNX export (`--backend onnxruntime`).
+    `sdwb bench`); ort-* methods write an ONNX export (`--backend onnxruntime`), ov-* methods an
+    OpenVINO IR export (`--backend openvino`).
     """
     from compress.quantize import quantize
     from export.onnx import export_onnx
-    from sdwb.quant.config import backend_of, load_quant_config
+    from sdwb.quant.config import METHODS, backend_of, load_quant_config
 
     if method is None and config is None:
         raise SdwbError("give --method METHOD or --config FILE (configs/quantize/*.yaml)")
     flags = {"method": method, "components": _components(components), "guard.min_psnr": min_psnr}
     cfg = load_quant_config(config, set_, **flags)
     if calib_prompts is not None:
-        if cfg.method != "ort-int8-static":
-            raise SdwbError(f"--calib-prompts: only ort-int8-static calibrates ({cfg.method} does not)")
+        if "calibration" not in type(cfg).model_fields:
+            raise SdwbError(f"--calib-prompts: {cfg.method} does not calibrate (the calibrated methods: "
+                            f"{', '.join(m for m, c in METHODS.items() if 'calibration' in c.model_fields)})")
         cfg = load_quant_config(config, set_, **flags, **{"calibration.prompts": calib_prompts})
+    _check_output(output, overwrite)
     _quiet_libraries(cfg.method)
     from rich.console import Console
 
@@ -174,6 +186,7 @@ def distill_command(
     cfg = load_distill_config(config, set_, **flags)
     if output.exists() and not overwrite:
         raise SdwbError(f"{output}: already exists (refusing to overwrite a finished variant; --overwrite)")
+    _check_output(output, overwrite)
     _quiet_libraries(cfg.method)
     from rich.console import Console
 
@@ -236,6 +249,7 @@ def prune_command(
     cfg = load_prune_config(config, set_, **flags)
     if output.exists() and not overwrite:
         raise SdwbError(f"{output}: already exists (refusing to overwrite a finished variant; --overwrite)")
+    _check_output(output, overwrite)
     _quiet_libraries("prune")
     from rich.console import Console
 

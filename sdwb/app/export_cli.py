@@ -1,4 +1,4 @@
-"""``sdwb export onnx|tensorrt`` (a typer sub-app) and the backend switch for ``sdwb generate``.
+"""``sdwb export onnx|openvino|tensorrt`` (a typer sub-app) and the backend switch for ``sdwb generate``.
 
 Why a module of its own: one module per verb group of the application layer; the root CLI
 (``sdwb/app/cli.py``) only mounts ``export_app`` (``app.add_typer(export_app, name="export")``) and calls
@@ -16,7 +16,7 @@ import typer
 from sdwb.errors import SdwbError
 
 export_app = typer.Typer(
-    help="Export a model to ONNX (validated against PyTorch) or build TensorRT engines from an export.",
+    help="Export a model to ONNX or OpenVINO IR (validated) or build TensorRT engines from an export.",
     no_args_is_help=True,
 )
 
@@ -46,6 +46,15 @@ def _parse_components(text: str) -> list[str]:
     return names
 
 
+def _check_output(output: Path, overwrite: bool) -> None:
+    """The export directory can be written: checked before any model is loaded (sdwb.runs)."""
+    from sdwb.runs import check_writable_dir
+
+    if output.exists() and not overwrite:
+        raise SdwbError(f"{output}: already exists (refusing to overwrite a finished export; --overwrite)")
+    check_writable_dir(output, f"--output {output}")
+
+
 @export_app.command("onnx")
 def onnx_command(
     model: Annotated[str, typer.Option("--model", "-m", help="builtin:NAME, a variant dir, or a hub id.")],
@@ -65,6 +74,7 @@ def onnx_command(
     from export.onnx import export_onnx
 
     names = _parse_components(components)
+    _check_output(output, overwrite)  # before the model loads (minutes for a large one)
     console = _console()
     with console.status(f"exporting {model}", spinner="dots") as status:
         manifest = export_onnx(model, output, opset=opset, components=names, slim=slim, max_batch=max_batch,
@@ -104,6 +114,41 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+@export_app.command("openvino")
+def openvino_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="OpenVINO IR directory to create.")],
+    model: Annotated[
+        Optional[str], typer.Option("--model", "-m", help="builtin:NAME, a variant dir, or a hub id.")
+    ] = None,
+    onnx: Annotated[
+        Optional[Path], typer.Option("--onnx", help="Or an ONNX export directory (sdwb export onnx).")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Most images per call in the dynamic ranges.")] = 8,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists (only on success).")] = False,
+) -> None:
+    """Convert a model (via ONNX) or an ONNX export to OpenVINO IR; validate each graph; write a manifest."""
+    from rich.table import Table
+
+    from export.openvino import export_openvino, ir_summary
+
+    if (model is None) == (onnx is None):
+        raise SdwbError("export openvino: give exactly one of --model SPEC or --onnx DIR")
+    source = model if model is not None else onnx
+    _check_output(output, overwrite)
+    console = _console()
+    with console.status(f"exporting {source} to OpenVINO IR", spinner="dots") as status:
+        manifest = export_openvino(source, output, max_batch=max_batch, overwrite=overwrite,
+                                   progress=lambda msg: status.update(f"{source}: {msg}"))
+    table = Table(title=f"{output} (OpenVINO {manifest['openvino'].split('-')[0]})")
+    for col in ("component", "size", "max abs err", "validated against"):
+        table.add_column(col)
+    for name, size, worst, against in ir_summary(manifest):
+        table.add_row(name, _size(size), f"{worst:.2e}", against)
+    console.print(table)
+    typer.echo(f"wrote {output} ({len(manifest['components'])} components, validated) and "
+               f"{output}/manifest.json (process peak RSS {peak_rss_mb():.0f} MB)")
+
+
 @export_app.command("tensorrt")
 def tensorrt_command(
     onnx: Annotated[Path, typer.Option("--onnx", help="An ONNX export directory (sdwb export onnx).")],
@@ -119,6 +164,7 @@ def tensorrt_command(
     """Build one TensorRT engine per component of an ONNX export (needs an NVIDIA GPU + tensorrt)."""
     from export.tensorrt import build_engines
 
+    _check_output(output, overwrite)
     with _console().status(f"building engines from {onnx}", spinner="dots") as status:
         manifest = build_engines(onnx, output, fp16=fp16, int8=int8, timing_cache=timing_cache,
                                  strict_fp32=strict_fp32, overwrite=overwrite,
@@ -130,15 +176,17 @@ def tensorrt_command(
 
 
 def generate_with_backend(backend: str, model_dir: str | Path, prompts: list[str], *, providers=None,
-                          threads: int | None = None, device: str = "cpu", dtype=None, **kw) -> list:
+                          threads: int | None = None, device: str = "cpu", dtype=None,
+                          exported_dtype: str = "fp32", **kw) -> list:
     """PIL images for ``prompts`` from ``model_dir`` on ``backend`` (torch | onnxruntime | tensorrt).
 
     ``kw`` are :func:`sdwb.generate.generate`'s (steps, guidance, seed, scheduler, batch, height,
     width, progress). ``model_dir``: a model spec for torch, an ONNX export for onnxruntime, an
     engine directory for tensorrt (anything else: a one-line error saying which export to run
     first, see :func:`sdwb.backends.registry.check_model`). ``providers`` (default: from ``device``) and
-    ``threads`` (intra-op) apply to onnxruntime only; ``dtype`` to torch only (exports are fp32,
-    engine precision is fixed when they are built).
+    ``threads`` (intra-op) apply to onnxruntime only; ``dtype`` (a torch dtype) to torch only;
+    ``exported_dtype`` ("fp32" | "bf16") to openvino's inference precision (ONNX Runtime runs the
+    graph's own; engine precision is fixed when they are built).
     """
     from sdwb.backends.registry import check_model, open_exported
 
@@ -158,5 +206,6 @@ def generate_with_backend(backend: str, model_dir: str | Path, prompts: list[str
 
         pipe = OrtStableDiffusionPipeline.from_export(directory, providers=providers, threads=threads)
     else:
-        pipe = open_exported(backend, directory, device=device, threads=threads)
+        pipe = open_exported(backend, directory, device=device, threads=threads,
+                             dtype=exported_dtype if backend == "openvino" else "fp32")
     return generate(pipe, prompts, **kw)

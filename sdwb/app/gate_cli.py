@@ -10,7 +10,9 @@ Three sources of a decision, and latency is only ever judged between measurement
   form, which then supplies memory and quality.
 - ``--ab BASELINE CANDIDATE``: two models timed now, interleaved in this process.
 
-All write ``gate.md``, ``gate.junit.xml`` and ``gate.json`` to ``--out``.
+All write ``gate.md``, ``gate.junit.xml`` and ``gate.json`` to ``--out``. The gate fails closed
+(:mod:`bench.gate_inputs`): a side missing a metric the config gates, partial results, or two files
+of different scenarios are refused with exit 2 before anything is decided.
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ def gate_command(
     progress: Annotated[
         bool, typer.Option(help="Show progress (--ab: bars, --ab-rev: one line a round).")
     ] = True,
+    allow_model_change: Annotated[
+        bool,
+        typer.Option(help="Files form: compare rows of two different models (every other scenario setting "
+                     "must still match)."),
+    ] = False,
 ) -> None:
     """Decide whether a candidate regressed against a baseline: latency by a bootstrap interval of the
     ratio (only between measurements of one machine), memory / CLIP score / accuracy against
@@ -74,7 +81,7 @@ def gate_command(
     try:
         code = _gate(
             baseline, candidate, ab, ab_rev, config, variant, candidate_variant, out, inject_slowdown, set_,
-            progress,
+            progress, allow_model_change,
         )
     except SdwbError:
         raise
@@ -84,9 +91,11 @@ def gate_command(
 
 
 def _gate(
-    baseline, candidate, ab, ab_rev, config, variant, candidate_variant, out, inject_slowdown, set_, progress
+    baseline, candidate, ab, ab_rev, config, variant, candidate_variant, out, inject_slowdown, set_, progress,
+    allow_model_change=False,
 ) -> int:
-    from bench import gate
+    from bench import gate, gate_inputs
+    from sdwb.runs import check_writable_dir
 
     cfg = gate.load_gate_config(config, set_)
     if ab is not None and (baseline is not None or candidate is not None or ab_rev is not None):
@@ -101,6 +110,7 @@ def _gate(
         raise SdwbError("give --baseline FILE and --candidate FILE together")
     if ab is None and ab_rev is None and baseline is None:
         raise SdwbError("give --baseline FILE and --candidate FILE, --ab-rev REV, or --ab BASELINE CANDIDATE")
+    check_writable_dir(out, f"--out {out}")  # before minutes of measuring
     context: list[str] = []
     record: dict = {}
     if ab is not None:
@@ -113,13 +123,17 @@ def _gate(
             base_row, base_samples = gate.pick_row(base_data, variant, str(baseline))
             cand_row, cand_samples = gate.pick_row(cand_data, candidate_variant or variant, str(candidate))
             files = (base_data.get("environment"), cand_data.get("environment"))
+            # fail closed: what the config gates must be measured on both sides, in one scenario
+            need = gate_inputs.required_metrics(cfg.thresholds, latency="file_latency_pct")
+            gate_inputs.check_measured(need, base_row, base_samples, f"baseline {baseline}")
+            gate_inputs.check_measured(need, cand_row, cand_samples, f"candidate {candidate}")
+            notes = gate_inputs.check_same_scenario(base_row, cand_row, base_data, cand_data,
+                                                    allow_model_change=allow_model_change)
             context.append(f"files: baseline `{baseline}` ({base_row.get('variant')}), candidate "
                            f"`{candidate}` ({cand_row.get('variant')})")
             context += [gate.describe_side("baseline file", files[0]),
                         gate.describe_side("candidate file", files[1])]
-            for key in ("steps", "guidance", "batch", "backend", "dtype", "threads"):
-                if base_row.get(key) != cand_row.get(key):
-                    context.append(f"note: {key} differs ({base_row.get(key)} vs {cand_row.get(key)})")
+            context += [f"note: {n}" for n in notes]
         if ab_rev is not None:
             checks += _ab_rev(gate, cfg, ab_rev, out, inject_slowdown, progress, context, record)
         if files is not None:
@@ -158,6 +172,11 @@ def _ab(gate, cfg, ab, out, inject_slowdown, progress, context) -> list:
     data = gate.read_results(out / "bench")
     base_row, base_samples = gate.pick_row(data, "baseline", "--ab")
     cand_row, cand_samples = gate.pick_row(data, "candidate", "--ab")
+    from bench.gate_inputs import check_measured, required_metrics
+
+    need = required_metrics(cfg.thresholds, latency="latency_pct", measured=list(cfg.measure.metrics))
+    check_measured(need, base_row, base_samples, f"--ab baseline {ab[0]}")
+    check_measured(need, cand_row, cand_samples, f"--ab candidate {ab[1]}")
     context += [
         f"measured now, interleaved in one process: baseline `{ab[0]}`, candidate `{ab[1]}`",
         gate.describe_side("both", data.get("environment")),

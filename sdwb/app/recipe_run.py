@@ -16,9 +16,15 @@ lives in ``<store>/<kind>-<key>/`` (default store ``runs/stages``), so
 - two recipes that share a prefix share its artifacts (``fastest`` reuses ``prune30``'s pruned
   UNet), and a changed setting re-runs that stage and everything after it, nothing before.
 
+The store is locked per stage (:mod:`sdwb.store_lock`): two runs on one store never run the same
+stage at once; the second waits, then reuses the first's artifact (it re-checks under the lock),
+and ``*.tmp-*`` directories left in a stage's directory by a killed run are removed then.
+
 The run itself is recorded in ``runs/<recipe>-<hash8>/run.json`` (the resolved recipe, and per
-stage its key, directory, status and seconds), rewritten after every stage; ``model`` and
-``report`` beside it link to the final model and report once they exist.
+stage its key, directory, status and seconds), written atomically when the run ends without an
+error; while it runs, and when it fails, the record is ``run.partial.json`` beside it, so a
+failed run never replaces the record of a good one. ``model`` and ``report`` beside it link to
+the final model and report once they exist.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ from typing import Any
 
 from sdwb.app.recipe_schema import MODEL_STAGES, Recipe, config_hash, load_recipe, resolved_dict, stage_name
 from sdwb.errors import SdwbError
+from sdwb.store_lock import remove_stale_tmp, stage_lock
 
 DEFAULT_STORE = Path("runs/stages")
 RECIPES_DIR = Path("configs/recipes")
 STAGE_FILE = "stage.json"
+RUN_FILE, RUN_PARTIAL = "run.json", "run.partial.json"
 RECIPE_PREFIX = "recipe:"
 _DONE_MARKERS = {
     "prune": "sdwb.json",
@@ -239,9 +247,12 @@ def run_recipe(
     ``until``: stop after the stage of that name (or 1-based number); the later ones stay
     pending, so e.g. the training stages can run now and the benchmark on a quiet machine later.
     """
-    from sdwb.runs import atomic_write_json, run_dir, write_resolved_config
+    from sdwb.runs import atomic_write_json, check_writable_dir, run_dir, write_resolved_config
 
     say = say or (lambda _m: None)
+    check_writable_dir(store, f"--store {store}")  # before any stage runs: a file there is one line
+    if out is not None:
+        check_writable_dir(out, f"--out {out}")
     stages = plan(recipe, store)
     if until is not None:
         last = next((p.index for p in stages if until in (p.name, str(p.index + 1))), None)
@@ -252,14 +263,16 @@ def run_recipe(
     else:
         stages_to_run = {p.index for p in stages}
     out = Path(out) if out is not None else run_dir(recipe.name, config_hash(recipe), root=run_root)
+    check_writable_dir(out, f"run record {out}")
     out.mkdir(parents=True, exist_ok=True)
     write_resolved_config(out, resolved_dict(recipe))
     status = {p.index: "cached" if p.done else "pending" for p in stages}
     seconds: dict[int, float] = {}
 
-    def record() -> None:
+    def record(final: bool = False) -> None:
+        """``run.partial.json`` while running or after a failure; ``run.json`` only at a good end."""
         atomic_write_json(
-            out / "run.json",
+            out / (RUN_FILE if final else RUN_PARTIAL),
             {
                 "recipe": resolved_dict(recipe),
                 "command": command,
@@ -289,34 +302,44 @@ def run_recipe(
         if p.index not in stages_to_run:
             say(f"{label}: left for later (--until {until})")
             continue
-        say(f"{label}: running into {p.out}")
-        status[p.index] = "running"
-        record()
-        started = time.perf_counter()
-        try:
-            _execute(p, recipe, progress=progress, say=say, command=command)
-        except BaseException:
-            status[p.index] = "failed"
+        with stage_lock(p.dir, say=lambda m, label=label: say(f"{label}: {m}")):
+            if p.done:  # another run finished it while this one waited for the lock
+                say(f"{label}: finished by another run meanwhile, reusing {p.out}")
+                status[p.index] = "cached"
+                record()
+                continue
+            for stale in remove_stale_tmp(p.out, unlocked_age=0):  # the lock is ours: all are dead
+                say(f"{label}: removed {stale}, left by a killed run")
+            say(f"{label}: running into {p.out}")
+            status[p.index] = "running"
             record()
-            raise
-        seconds[p.index] = round(time.perf_counter() - started, 1)
-        atomic_write_json(
-            p.dir / STAGE_FILE,
-            {
-                "kind": p.kind,
-                "name": p.name,
-                "key": p.key,
-                "config": _stage_config(p.stage),
-                "input": p.input,
-                "refs": p.refs,
-                "recipe": recipe.name,
-                "seconds": seconds[p.index],
-            },
-        )
+            started = time.perf_counter()
+            try:
+                _execute(p, recipe, progress=progress, say=say, command=command)
+            except BaseException:
+                status[p.index] = "failed"
+                record()
+                raise
+            seconds[p.index] = round(time.perf_counter() - started, 1)
+            atomic_write_json(
+                p.dir / STAGE_FILE,
+                {
+                    "kind": p.kind,
+                    "name": p.name,
+                    "key": p.key,
+                    "config": _stage_config(p.stage),
+                    "input": p.input,
+                    "refs": p.refs,
+                    "recipe": recipe.name,
+                    "seconds": seconds[p.index],
+                },
+            )
         status[p.index] = "ran"
         record()
         say(f"{label}: done in {seconds[p.index]:.0f} s")
     _link_outputs(out, stages)
+    record(final=True)
+    (out / RUN_PARTIAL).unlink(missing_ok=True)
     return RunResult(out, stages, status, seconds)
 
 
@@ -426,6 +449,7 @@ def _run_generate(p, recipe, *, progress, say, command) -> None:
 def _run_bench(p, recipe, *, progress, say, command) -> None:
     from bench.harness import run_bench
     from bench.scenario import BenchConfig
+    from sdwb.backends.registry import backend_for
     from sdwb.variants.manifest import is_export_dir
 
     data = p.stage.model_dump(mode="json")  # variants keep only the keys they set
@@ -436,7 +460,7 @@ def _run_bench(p, recipe, *, progress, say, command) -> None:
         if v["model"] in p.refs:
             v["model"] = p.refs[v["model"]]
             if v.get("backend") is None and is_export_dir(v["model"]):
-                v["backend"] = "onnxruntime"  # an export runs on ONNX Runtime unless told otherwise
+                v["backend"] = backend_for(v["model"])  # what its manifest is: ONNX Runtime, OpenVINO
     cfg = resolve_recipe_models(BenchConfig.model_validate(data))
     run_bench(cfg, p.out, progress=progress, command=command)
 

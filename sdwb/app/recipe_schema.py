@@ -31,7 +31,7 @@ from sdwb.backends.registry import Backend as Backend  # noqa: F401  (re-exporte
 from sdwb.errors import SdwbError
 from sdwb.inference import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS
 from sdwb.schema_errors import format_errors, short
-from sdwb.yaml_io import DType, Scheduler, _kind, apply_overrides, parse_override, read_yaml
+from sdwb.yaml_io import DType, Scheduler, _kind, apply_overrides, parse_override, read_yaml, resolve_include
 
 
 class _Section(BaseModel):
@@ -241,7 +241,9 @@ def expand_includes(data: dict, recipe_file: Path) -> dict:
 
     Why: a stage takes exactly the keys of ``configs/prune/*.yaml`` (etc.), so a recipe names the
     file instead of copying it. FILE is relative to the working directory, else to the recipe's
-    folder. What the hash and ``config check`` see is the merged result, never the file name.
+    folder (else the repository). Only YAML mappings under the recipe's folder or ``configs/`` are
+    read (:func:`sdwb.yaml_io.resolve_include`). What the hash and ``config check`` see is the
+    merged result, never the file name.
     """
     stages = data.get("stages")
     if not isinstance(stages, list):
@@ -252,9 +254,7 @@ def expand_includes(data: dict, recipe_file: Path) -> dict:
             name = stage["include"]
             if not isinstance(name, str) or not name:
                 raise SdwbError(f"{recipe_file}: stages.{i}.include: expected a file path, got {_kind(name)}")
-            found = next((c for c in (Path(name), recipe_file.parent / name) if c.is_file()), None)
-            if found is None:
-                raise SdwbError(f"{recipe_file}: stages.{i}.include: {name}: file not found")
+            found = resolve_include(name, recipe_file, f"{recipe_file}: stages.{i}.include")
             merged = read_yaml(found)
             merged.update({k: v for k, v in stage.items() if k != "include"})
             stage = merged

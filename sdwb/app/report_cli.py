@@ -26,7 +26,13 @@ def report_command(
 ) -> None:
     """Render saved benchmark results into DIR/report.md and one self-contained DIR/report.html."""
     from bench.report import render_report
+    from sdwb.runs import check_writable_dir
 
+    check_writable_dir(out, f"--out {out}")
     md, page = render_report(list(results), out)
     typer.echo(f"wrote {md}")
     typer.echo(f"wrote {page}")
+    title = md.read_text(encoding="utf-8").splitlines()[0]
+    if "INCOMPLETE" in title:  # partial results are rendered, and said to be partial
+        typer.echo("note: the report is marked INCOMPLETE: a results file holds partial results "
+                   "(its benchmark did not finish)", err=True)

@@ -11,6 +11,13 @@ backend opens answers the same call (``sdwb.generate.generate`` runs any of them
   content (``source.fingerprint``) and was made with the same library versions.
 - ``tensorrt``: an engine directory (``sdwb export tensorrt``). A GPU and the tensorrt package
   are checked first, so without them every use fails with the TensorRT runner's one-line reason.
+- ``openvino``: an OpenVINO IR export (``sdwb export openvino``, NNCF int8 variants too) or an
+  ONNX export, which OpenVINO reads directly; like onnxruntime, the benchmark exports a torch
+  spec to ONNX first. Needs the ``openvino`` extra, checked first.
+
+``dtypes``: the precisions a row of that backend may ask for (ONNX Runtime runs the graph's own;
+OpenVINO runs a float graph in fp32 or bf16 (``INFERENCE_PRECISION_HINT``); TensorRT's is fixed
+when the engines are built).
 
 What an export "weighs" (the benchmark's ``size_mb`` / ``params_m`` of exported rows): size on
 disk is the components' graph files (``model.onnx`` + ``model.onnx.data``, or the engine plans),
@@ -30,20 +37,34 @@ from typing import Literal
 
 from sdwb.errors import SdwbError
 from sdwb.variants.files import MB
-from sdwb.variants.manifest import ENGINE_FORMAT
+from sdwb.variants.manifest import ENGINE_FORMAT, OPENVINO_FORMAT
 from sdwb.variants.manifest import EXPORT_FORMAT as ONNX_FORMAT
 
 
-def _open_onnxruntime(directory, *, device: str = "cpu", threads: int | None = None):
+def _open_onnxruntime(directory, *, device: str = "cpu", threads: int | None = None, dtype: str = "fp32"):
     from sdwb.backends.onnxruntime import OrtStableDiffusionPipeline
 
     return OrtStableDiffusionPipeline.from_export(directory, providers=providers_for(device), threads=threads)
 
 
-def _open_tensorrt(directory, *, device: str = "cpu", threads: int | None = None):
+def _open_tensorrt(directory, *, device: str = "cpu", threads: int | None = None, dtype: str = "fp32"):
     from sdwb.backends.tensorrt import TrtRunner
 
     return TrtRunner.from_engines(directory, device=device if str(device).startswith("cuda") else "cuda")
+
+
+def _open_openvino(directory, *, device: str = "cpu", threads: int | None = None, dtype: str = "fp32"):
+    from sdwb.backends.openvino import OvStableDiffusionPipeline
+
+    if str(device).startswith("cuda"):
+        raise SdwbError("--backend openvino runs on the CPU here (device cpu)")
+    return OvStableDiffusionPipeline.from_export(directory, threads=threads, precision=dtype)
+
+
+def _require_openvino() -> None:
+    from sdwb.backends.openvino import require_openvino
+
+    require_openvino()
 
 
 def _require_tensorrt() -> None:
@@ -55,14 +76,18 @@ def _require_tensorrt() -> None:
 @dataclass(frozen=True)
 class ExportedBackend:
     """One row of the backends table: how to open what the backend runs, the manifest ``format`` of
-    that directory, and what to say when a model is not one (``{flag}`` and ``{spec}`` are filled
-    in): ``wrong`` per format found instead, ``missing`` otherwise. ``requires`` is checked first."""
+    that directory (and ``also`` formats it accepts), and what to say when a model is not one
+    (``{flag}`` and ``{spec}`` are filled in): ``wrong`` per format found instead, ``missing``
+    otherwise. ``requires`` is checked first."""
 
     open: Callable
     format: str
     missing: str
     wrong: dict[str, str] = field(default_factory=dict)
     requires: Callable[[], None] | None = None
+    also: tuple[str, ...] = ()  # other manifest formats it runs as they are (openvino: ONNX exports)
+    dtypes: tuple[str, ...] = ("fp32",)
+    exports_spec: bool = False  # the benchmark exports a torch spec to ONNX for it first
 
 
 # The backends table: name -> row. ``torch`` runs a model spec through ``sdwb.loading``. A new
@@ -75,7 +100,10 @@ TABLE: dict[str, ExportedBackend] = {
         missing="{flag} {spec}: not an ONNX export directory (no sdwb manifest.json); run "
                 "`sdwb export onnx --model {spec} -o DIR` first, then pass {flag} DIR",
         wrong={ENGINE_FORMAT: "{flag} {spec}: a TensorRT engine directory; --backend onnxruntime needs an "
-                              "ONNX export (the --onnx directory those engines were built from)"},
+                              "ONNX export (the --onnx directory those engines were built from)",
+               OPENVINO_FORMAT: "{flag} {spec}: an OpenVINO IR export; run it with --backend openvino, or "
+                                "pass the ONNX export it was converted from"},
+        exports_spec=True,
     ),
     "tensorrt": ExportedBackend(
         open=_open_tensorrt,
@@ -85,6 +113,19 @@ TABLE: dict[str, ExportedBackend] = {
         wrong={ONNX_FORMAT: "{flag} {spec}: an ONNX export, not TensorRT engines; run "
                             "`sdwb export tensorrt --onnx {spec} -o DIR` first, then pass {flag} DIR"},
         requires=_require_tensorrt,
+        dtypes=("fp32", "fp16"),
+    ),
+    "openvino": ExportedBackend(
+        open=_open_openvino,
+        format=OPENVINO_FORMAT,
+        also=(ONNX_FORMAT,),
+        missing="{flag} {spec}: not an OpenVINO IR or ONNX export directory; run `sdwb export openvino "
+                "--model {spec} -o DIR` (or `sdwb export onnx`) first, then pass {flag} DIR",
+        wrong={ENGINE_FORMAT: "{flag} {spec}: TensorRT engines; --backend openvino needs an OpenVINO IR "
+                              "or ONNX export"},
+        requires=_require_openvino,
+        dtypes=("fp32", "bf16"),
+        exports_spec=True,
     ),
 }
 BACKENDS = ("torch", *TABLE)
@@ -106,6 +147,16 @@ def manifest_format(spec: str | Path) -> str | None:
     return data.get("format", "unknown") if isinstance(data, dict) else "unknown"
 
 
+def backend_for(spec: str | Path) -> str:
+    """The backend that runs ``spec`` as it is: the one whose table row has its manifest format
+    first (an ONNX export -> onnxruntime, OpenVINO IR -> openvino, engines -> tensorrt), else torch."""
+    found = manifest_format(spec)
+    for name, row in TABLE.items():
+        if found == row.format:
+            return name
+    return "torch"
+
+
 def check_model(backend: str, spec: str | Path, flag: str = "--model") -> Path | None:
     """The directory ``backend`` runs for ``spec`` (None for torch), or a one-line error.
 
@@ -119,8 +170,11 @@ def check_model(backend: str, spec: str | Path, flag: str = "--model") -> Path |
     if row.requires is not None:
         row.requires()
     found = manifest_format(spec)
-    if found == row.format:
+    if found == row.format or found in row.also:
         return Path(str(spec)).expanduser()
+    if found == "unreadable":  # a truncated manifest is corrupt, not absent (sdwb.verify's rule)
+        manifest = Path(str(spec)).expanduser() / "manifest.json"
+        raise SdwbError(f"{flag} {spec}: corrupt {manifest} (not valid JSON: truncated?); re-run the export")
     raise SdwbError(row.wrong.get(found, row.missing).format(flag=flag, spec=spec))
 
 
@@ -133,14 +187,18 @@ def providers_for(device: str) -> list[str] | None:
     return None
 
 
-def open_exported(backend: str, directory: str | Path, *, device: str = "cpu", threads: int | None = None):
-    """An :class:`sdwb.backends.onnxruntime.ExportedPipeline` for an export (onnxruntime) or engines
-    (tensorrt). ``threads``: ONNX Runtime intra-op threads per session (None: one per core)."""
+def open_exported(backend: str, directory: str | Path, *, device: str = "cpu", threads: int | None = None,
+                  dtype: str = "fp32"):
+    """An :class:`sdwb.backends.onnxruntime.ExportedPipeline` for an export (onnxruntime, openvino)
+    or engines (tensorrt). ``threads``: the runtime's threads per component (None: one per core);
+    ``dtype``: one of the row's ``dtypes`` (OpenVINO's inference precision)."""
     row = TABLE.get(backend)
     if row is None:
         raise SdwbError(f"backend {backend}: not an exported backend (expected "
                         f"{', '.join(EXPORTED_BACKENDS)})")
-    return row.open(directory, device=device, threads=threads)
+    if backend != "tensorrt" and dtype not in row.dtypes:
+        raise SdwbError(f"dtype {dtype} with backend {backend}: expected {' or '.join(row.dtypes)}")
+    return row.open(directory, device=device, threads=threads, dtype=dtype)
 
 
 def cached_export_reason(directory: Path, spec: str, max_batch: int) -> str | None:
@@ -243,3 +301,36 @@ def onnx_param_counts(directory: str | Path, manifest: dict) -> dict[str, float]
         graph = onnx.load(str(Path(directory) / entry["file"]), load_external_data=False).graph
         counts[name] = sum(math.prod(t.dims) for t in graph.initializer if t.data_type in weights)
     return {"params_m": sum(counts.values()) / 1e6, "unet_params_m": counts.get("unet", 0) / 1e6}
+
+
+def openvino_param_counts(directory: str | Path, manifest: dict) -> dict[str, float]:
+    """Millions of weight elements of OpenVINO IR graphs: float and 8-bit ``Constant`` ops (an NNCF
+    int8 weight counts once, its scale and zero point are not parameters of the model)."""
+    import math
+
+    import openvino as ov
+
+    weights = {"f32", "f16", "bf16", "i8", "u8"}
+    core, counts = ov.Core(), {}
+    for name, entry in manifest.get("components", {}).items():
+        model = core.read_model(str(Path(directory) / entry["file"]))
+        counts[name] = sum(
+            math.prod(op.get_output_shape(0)) for op in model.get_ops()
+            if op.get_type_name() == "Constant" and op.get_output_element_type(0).get_type_name() in weights
+            and len(op.get_output_shape(0)) >= 2 and not _is_scale(op)
+        )
+    return {"params_m": sum(counts.values()) / 1e6, "unet_params_m": counts.get("unet", 0) / 1e6}
+
+
+def _is_scale(op) -> bool:
+    """An NNCF decompression constant (per-channel scale / zero point: ``[C, 1, ...]``)."""
+    shape = list(op.get_output_shape(0))
+    return len(shape) >= 2 and all(d == 1 for d in shape[1:])
+
+
+def exported_param_counts(directory: str | Path, manifest: dict) -> dict[str, float]:
+    """:func:`onnx_param_counts` or :func:`openvino_param_counts`, by the graphs' file type."""
+    files = [e["file"] for e in manifest.get("components", {}).values()]
+    if files and all(f.endswith(".xml") for f in files):
+        return openvino_param_counts(directory, manifest)
+    return onnx_param_counts(directory, manifest)

@@ -8,7 +8,8 @@ a variant's ``sdwb.json`` records, and what loading re-applies.
 
 The methods themselves are registered (:mod:`sdwb.quant.registry`): the torch methods one module
 each under :mod:`sdwb.quant.methods` (every module there is imported here), the ONNX Runtime
-graph methods in :mod:`sdwb.quant.ort_methods`. ``METHODS``, ``METHOD_INFO``, ``QuantConfig``
+graph methods in :mod:`sdwb.quant.ort_methods`, the OpenVINO ones in :mod:`sdwb.quant.ov_methods`.
+``METHODS``, ``METHOD_INFO``, ``QuantConfig``
 and :func:`methods_help` are read from that registry.
 """
 
@@ -23,7 +24,10 @@ from pydantic import ValidationError
 
 from sdwb.errors import SdwbError
 from sdwb.quant import methods as _methods
-from sdwb.quant import ort_methods  # noqa: F401  (registers the ONNX Runtime methods)
+from sdwb.quant import (
+    ort_methods,  # noqa: F401  (registers the ONNX Runtime methods)
+    ov_methods,  # noqa: F401  (registers the OpenVINO / NNCF methods)
+)
 from sdwb.quant.registry import (  # noqa: F401  (the public names of the quantization configs)
     COMPONENTS,
     DEFAULT_KEEP_FP32,
@@ -47,7 +51,7 @@ def methods_help() -> str:
 
 
 def backend_of(config: QuantConfig) -> str:
-    """``"torch"`` or ``"onnxruntime"``: what a variant of this config runs on."""
+    """``"torch"``, ``"onnxruntime"`` or ``"openvino"``: what a variant of this config runs on."""
     return METHOD_INFO[config.method]["backend"]
 
 

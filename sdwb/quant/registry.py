@@ -6,7 +6,8 @@ the docs are all read from here, so they cannot drift apart. A torch method is o
 :mod:`sdwb.quant.methods` holding its config class (``@register``) and its applier
 (``@applies``); nothing else changes. ONNX Runtime graph methods register their config in
 :mod:`sdwb.quant.ort_methods` (the core must read every variant's record) and their graph
-quantizer in ``compress.ort_variant`` (quantizing a graph needs an exported graph).
+quantizer in ``compress.ort_variant`` (quantizing a graph needs an exported graph); the OpenVINO
+(NNCF) methods likewise in :mod:`sdwb.quant.ov_methods` and ``compress.ov_variant``.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ APPLIERS: dict[str, Callable] = {}
 
 def register(
     *,
-    backend: Literal["torch", "onnxruntime"],
+    backend: Literal["torch", "onnxruntime", "openvino"],
     device: str,
     why: str = "",
     needs: Callable[[], object] | None = None,

@@ -247,7 +247,16 @@ def install(out: Path, assets: Path) -> None:
         src = out / name
         if not src.is_dir():
             raise SdwbError(f"nothing to install: {src} does not exist (train first)")
-        _atomic_save(assets / name, lambda tmp, src=src: shutil.copytree(src, tmp, dirs_exist_ok=True))
+        _atomic_save(assets / name, lambda tmp, src=src, name=name: _copy_listed(src, tmp, name))
+
+
+def _copy_listed(src: Path, tmp: Path, name: str) -> None:
+    """The trained model plus its ``sdwb-files.json`` (the sha256 list the loader verifies builtins by)."""
+    from sdwb.verify import FILES_MANIFEST, write_files_manifest
+
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    (tmp / FILES_MANIFEST).unlink(missing_ok=True)
+    write_files_manifest(tmp, f"builtin:{name}")
 
 
 def _print(msg: str) -> None:

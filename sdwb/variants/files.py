@@ -7,25 +7,17 @@ modified file, :func:`library_versions` is what every record says it was made wi
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from sdwb.errors import SdwbError
+from sdwb.hash_cache import flush as flush_hash_cache
+from sdwb.hash_cache import sha256_cached, sha256_file  # noqa: F401  (the one hasher, re-exported)
 
 MB = 2**20
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".onnx_data", ".data", ".plan")
 LIBRARIES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript",
              "torchao", "tensorrt", "numpy")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def hash_files(root: Path, skip: Sequence[str] = ()) -> dict[str, dict]:
@@ -40,8 +32,13 @@ def hash_files(root: Path, skip: Sequence[str] = ()) -> dict[str, dict]:
 def verify_files(directory: Path, files: dict, listed_in: Path, *, event: str) -> None:
     """Refuse a file of ``files`` (``{rel: {"sha256", "size"}}``, as listed in ``listed_in``) that is
     missing, of another size (checked first, so truncation is named) or of another sha256.
-    ``event`` is what wrote the list ("export", "the variant was written")."""
+    ``event`` is what wrote the list ("export", "the variant was written"). Hashes are reused while
+    a file is unchanged (:mod:`sdwb.hash_cache`), so verifying again costs a ``stat`` per file."""
+    if not isinstance(files, dict):
+        raise SdwbError(f"corrupt {listed_in}: 'files' is not an object")
     for rel, meta in files.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("size"), int) or "sha256" not in meta:
+            raise SdwbError(f"corrupt {listed_in}: files.{rel}: expected {{sha256, size}}")
         path = directory / rel
         if not path.is_file():
             raise SdwbError(f"{path}: missing (listed in {listed_in})")
@@ -49,8 +46,9 @@ def verify_files(directory: Path, files: dict, listed_in: Path, *, event: str) -
         if size != meta["size"]:
             raise SdwbError(f"{path}: {size} bytes, {listed_in.name} says {meta['size']} (truncated or "
                             f"modified after {event})")
-        if sha256_file(path) != meta["sha256"]:
+        if sha256_cached(path) != meta["sha256"]:
             raise SdwbError(f"{path}: sha256 differs from {listed_in} (modified after {event})")
+    flush_hash_cache()  # what was verified, remembered for the next process
 
 
 def library_versions(extra: Iterable[str] = ()) -> dict[str, str]:

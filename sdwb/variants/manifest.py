@@ -19,6 +19,7 @@ from sdwb.variants.files import hash_files, verify_files
 MANIFEST = "manifest.json"
 EXPORT_FORMAT = "sdwb-onnx-export"
 ENGINE_FORMAT = "sdwb-tensorrt-engines"  # the manifest of a TensorRT engine directory
+OPENVINO_FORMAT = "sdwb-openvino-export"  # OpenVINO IR per component (sdwb export openvino)
 Dim = int | str  # a manifest dimension: an int is fixed; "axis" names a dynamic axis; "axis*k" is derived
 
 
@@ -80,6 +81,6 @@ def source_fingerprint(spec: str) -> str:
         return f"code:{get_builtin(spec).name}:sdwb-{sdwb.__version__}"
     root = Path(resolve_spec(spec, "pipeline"))
     h = hashlib.sha256()
-    for rel, meta in hash_files(root).items():
+    for rel, meta in hash_files(root, skip=("sdwb-files.json",)).items():  # a builtin's own list: derived
         h.update(f"{rel}\0{meta['sha256']}\n".encode())
     return "sha256:" + h.hexdigest()

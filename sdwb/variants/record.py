@@ -36,7 +36,33 @@ def read_record(directory: str | Path) -> dict | None:
         raise SdwbError(f"corrupt {path}: {exc}") from None
     if not isinstance(record, dict):
         raise SdwbError(f"corrupt {path}: expected a JSON object")
+    _check_chain(record, path)
     return record
+
+
+def _check_chain(record: dict, path: Path) -> None:
+    """Refuse a record whose ``parent`` chain has the wrong shape (a hand-edited ``"parent": "x"``),
+    so every reader can walk it without guarding each step."""
+    where, node = "parent", record
+    for _ in range(MAX_DEPTH):
+        parent = node.get("parent")
+        if parent is None:
+            break
+        if not isinstance(parent, dict):
+            raise SdwbError(f"corrupt {path}: {where}: expected an object (spec, path, variant) or null, "
+                            f"got {type(parent).__name__}")
+        for key in ("spec", "path"):
+            if parent.get(key) is not None and not isinstance(parent[key], str):
+                raise SdwbError(f"corrupt {path}: {where}.{key}: expected a string or null")
+        node = parent.get("variant")
+        if node is None:
+            break
+        if not isinstance(node, dict):
+            raise SdwbError(f"corrupt {path}: {where}.variant: expected the parent's record (an object) "
+                            "or null")
+        where += ".variant.parent"
+    if "files" in record and not isinstance(record["files"], dict):
+        raise SdwbError(f"corrupt {path}: files: expected an object of {{sha256, size}}")
 
 
 def ancestry(record: dict | None) -> Iterator[dict]:

@@ -1,0 +1,214 @@
+"""OpenVINO variants: NNCF-quantize the graphs of a float export into a new, guarded IR directory.
+
+Source: an ONNX export, an OpenVINO IR export or (with the ``exporter`` the application layer
+hands in) a torch model exported to ONNX first; OpenVINO reads either graph format. Steps, as
+for the ONNX Runtime variants (``compress.ort_variant``): the float pipeline on OpenVINO renders
+the guard's probe images and, for the calibrated methods, records the UNet's inputs along real
+denoising trajectories (``compress.calibration``, the same recorder and prompts as
+``ort-int8-static``); each component is read, quantized by NNCF
+(:mod:`sdwb.quant.ov_methods` says which scheme), saved as IR (``model.xml``/``model.bin``) and
+compared with its float graph on recorded inputs (NaN/inf refused); components the method does
+not touch are saved as float IR, so the variant is one OpenVINO IR export
+(``sdwb-openvino-export`` manifest, re-hashed) that ``--backend openvino`` opens. The guard then
+renders the probe with the quantized pipeline and refuses a PSNR under its floor.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compress import guard as guard_mod
+from compress.variant_io import Variant, scratch_dir
+from sdwb.errors import SdwbError
+from sdwb.quant.config import QuantConfig, resolved
+from sdwb.variants.files import MB, hash_files
+from sdwb.variants.record import RECORD, new_record
+
+COMPARE_SAMPLES = 4
+XML, BIN = "model.xml", "model.bin"
+KEEP = ("tokenizer", "tokenizer_2", "scheduler")
+CALIBRATED = ("ov-int8-static", "ov-int8-hybrid")
+
+
+def _source_manifest(export_dir: Path) -> dict:
+    """The verified manifest of an ONNX or OpenVINO IR export."""
+    from sdwb.backends.registry import manifest_format
+    from sdwb.variants.manifest import EXPORT_FORMAT, OPENVINO_FORMAT, verify_manifest
+
+    found = manifest_format(export_dir)
+    if found not in (EXPORT_FORMAT, OPENVINO_FORMAT):
+        raise SdwbError(f"{export_dir}: a {found} directory; the OpenVINO methods quantize a model, an ONNX "
+                        "export or an OpenVINO IR export")
+    return verify_manifest(export_dir, found)
+
+
+def quantize_ov(pipe, export_dir: Path | None, config: QuantConfig, out: Path, overwrite: bool, parent: dict,
+                say, exporter=None) -> Variant:
+    """Export (if needed), calibrate, quantize with NNCF, guard and write an OpenVINO variant."""
+    from sdwb.backends.openvino import OvStableDiffusionPipeline
+    from sdwb.runs import atomic_dir, atomic_write_json
+    from sdwb.variants.manifest import MANIFEST
+
+    if export_dir is None and exporter is None:
+        raise SdwbError(f"{config.method}: quantizes an export; give an ONNX / OpenVINO export directory or "
+                        "quantize through `sdwb compress quantize`, which exports first")
+    threads = torch.get_num_threads()
+    with scratch_dir(out) as scratch:
+        if export_dir is None:
+            say("exporting the float model to ONNX")
+            export_dir = Path(scratch) / "float"
+            exporter(pipe, export_dir, progress=lambda m: say(f"float export: {m}"))
+            parent = {**parent, "export": None}
+        else:
+            parent = {**parent, "export": str(export_dir.resolve())}
+        del pipe
+        manifest = _source_manifest(export_dir)
+        missing = [c for c in config.components if c not in manifest["components"]]
+        if missing:
+            raise SdwbError(f"components {missing}: not in the export {export_dir} (it has "
+                            f"{', '.join(manifest['components'])})")
+        cache = Path(scratch) / "ov-cache"
+        float_pipe = OvStableDiffusionPipeline.from_export(export_dir, threads=threads, cache_dir=cache,
+                                                           verify=False)
+        reference = None
+        if config.guard.enabled:
+            say("guard: probe images with the float model")
+            reference = guard_mod.render(float_pipe, config.guard)
+        calib = None
+        if config.method in CALIBRATED:
+            from compress.calibration import record_trajectories
+
+            say("calibration: recording denoising trajectories")
+            calib = record_trajectories(float_pipe, config.calibration, progress=say)
+        del float_pipe
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            entries, started = {}, time.perf_counter()
+            for name, entry in manifest["components"].items():
+                quantized = name in config.components
+                say(f"{'quantizing' if quantized else 'converting'} {name}" +
+                    (f" ({config.method})" if quantized else ""))
+                entries[name] = _component(export_dir, tmp, name, entry, config if quantized else None, calib)
+            quantize_s = round(time.perf_counter() - started, 3)
+            for keep in KEEP:
+                if (export_dir / keep).is_dir():
+                    shutil.copytree(export_dir / keep, tmp / keep)
+            new_manifest = _manifest(manifest, entries, config, parent, hash_files(tmp, skip=(MANIFEST,)))
+            atomic_write_json(tmp / MANIFEST, new_manifest)
+            done = {n: e["quantization"] for n, e in entries.items() if "quantization" in e}
+            metrics = {
+                "quantize_seconds": quantize_s,
+                "components": done,
+                "size_mb": round(sum(e["size_mb"] for e in done.values()), 3),
+                "parent_size_mb": round(sum(e["float_size_mb"] for e in done.values()), 3),
+            }
+            if config.guard.enabled:
+                say("guard: probe images with the quantized model")
+                quant_pipe = OvStableDiffusionPipeline.from_export(tmp, threads=threads, cache_dir=cache,
+                                                                   verify=False)
+                metrics["guard"] = guard_mod.check(config.method, reference, quant_pipe, config.guard)
+                del quant_pipe
+            else:
+                metrics["guard"] = "disabled"
+            record = new_record(
+                stage="quantize", method=config.method, backend="openvino",
+                weights="NNCF-quantized OpenVINO IR",
+                parent=parent, config=resolved(config), calibration=calib.summary() if calib else None,
+                metrics=metrics,
+            )
+            record["files"] = hash_files(tmp, skip=(RECORD, MANIFEST))
+            atomic_write_json(tmp / RECORD, record)
+            new_manifest["files"] = hash_files(tmp, skip=(MANIFEST,))  # now including sdwb.json
+            atomic_write_json(tmp / MANIFEST, new_manifest)
+    return Variant(config.method, "openvino", config, record, out, None, metrics)
+
+
+def _feeds(calib, name: str, entry: dict) -> list[dict[str, np.ndarray]]:
+    """Recorded inputs of ``name`` (calibration) or seeded ones at the opt point."""
+    from compress.ort_variant import _sample_feeds
+
+    names = [s["name"] for s in entry["inputs"]]
+    feeds = calib.feeds.get(name) if calib is not None else None
+    feeds = feeds or _sample_feeds(entry)
+    return [{k: v for k, v in f.items() if k in names} for f in feeds]
+
+
+def _spread(items: list, n: int) -> list:
+    if len(items) <= n:
+        return list(items)
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, n)]
+
+
+def _component(src_dir: Path, dst_dir: Path, name: str, entry: dict, config, calib) -> dict:
+    """Read one graph, quantize it with ``config`` (None: keep it float), save IR, compare."""
+    import openvino as ov
+
+    from compress.quant_ov import QUANTIZERS
+
+    core = ov.Core()
+    model = core.read_model(str(src_dir / entry["file"]))
+    out = {k: v for k, v in entry.items() if k not in ("file", "external_data", "weights", "quantization")}
+    info = None
+    if config is not None:
+        feeds = _feeds(calib, name, entry)
+        float_model = model
+        model, info = QUANTIZERS[config.method](model, config, name, feeds)
+        info["error_vs_float"] = _compare(core, float_model, model, _spread(feeds, COMPARE_SAMPLES), entry)
+        if not info["error_vs_float"]["finite"]:
+            raise SdwbError(f"guard: {config.method} {name} graph outputs NaN/inf on recorded inputs; "
+                            "refusing to save it, nothing was written")
+    (dst_dir / name).mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(dst_dir / name / XML), compress_to_fp16=False)
+    out.update({"file": f"{name}/{XML}", "weights": f"{name}/{BIN}"})
+    if info is not None:
+        size = sum(p.stat().st_size for p in (dst_dir / name).iterdir() if p.is_file())
+        float_size = _graph_bytes(src_dir, entry)
+        out["quantization"] = {"method": config.method, **info, "size_mb": round(size / MB, 3),
+                               "float_size_mb": round(float_size / MB, 3),
+                               "shrink": round(float_size / max(size, 1), 3)}
+    return out
+
+
+def _graph_bytes(directory: Path, entry: dict) -> int:
+    files = [entry.get(k) for k in ("file", "external_data", "weights")]
+    return sum((directory / f).stat().st_size for f in files if f and (directory / f).is_file())
+
+
+def _compare(core, float_model, quant_model, feeds: list[dict], entry: dict) -> dict:
+    """Max abs / relative error of the first output, quantized vs float, on ``feeds`` (f32 plugin)."""
+    name = entry["outputs"][0]["name"]
+    max_abs, scale, finite = 0.0, 0.0, True
+    for feed in feeds:
+        outs = []
+        for model in (float_model, quant_model):
+            m = model.clone()
+            m.reshape({k: list(v.shape) for k, v in feed.items()})
+            request = core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+            request.infer(feed)
+            outs.append(np.array(request.get_tensor(name).data, copy=True).astype(np.float64))
+        ref, got = outs
+        finite = finite and bool(np.isfinite(got).all())
+        if finite:
+            max_abs = max(max_abs, float(np.abs(got - ref).max()))
+        scale = max(scale, float(np.abs(ref).max()))
+    return {"finite": finite, "max_abs": max_abs if finite else None,
+            "max_rel": max_abs / max(scale, 1e-6) if finite else None, "samples": len(feeds)}
+
+
+def _manifest(manifest: dict, entries: dict, config: QuantConfig, parent: dict, files: dict) -> dict:
+    from sdwb.variants.manifest import OPENVINO_FORMAT
+
+    out = json.loads(json.dumps(manifest))
+    out["format"] = OPENVINO_FORMAT
+    out["components"] = entries
+    out["quantization"] = {"method": config.method, "components": list(config.components),
+                           "config": resolved(config)}
+    out["source"] = {**out.get("source", {}), "quantized_from": parent}
+    out["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    out["files"] = files
+    return out
