@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compress import guard as guard_mod
 from compress.variant_io import Variant, copy_export, scratch_dir
 from sdwb.errors import SdwbError
 from sdwb.quant.config import QuantConfig, resolved
 from sdwb.variants.files import MB, hash_files
-from sdwb.variants.record import RECORD, new_record
+from sdwb.variants.record import RECORD
 
 COMPARE_SAMPLES = 4
 
@@ -66,7 +65,8 @@ def release_memory() -> None:
         pass
 
 
-def _spread(items: list, n: int) -> list:
+def spread(items: list, n: int) -> list:
+    """At most ``n`` items, evenly spaced over ``items`` (first and last kept)."""
     if len(items) <= n:
         return list(items)
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, n)]
@@ -81,38 +81,19 @@ def quantize_ort(
     if export_dir is None and exporter is None:
         raise SdwbError(f"{config.method}: quantizes an ONNX export; give an export directory (`sdwb export "
                         "onnx`) or quantize through `sdwb compress quantize`, which exports first")
+    from compress import graph_variant
     from sdwb.backends.onnxruntime import OrtStableDiffusionPipeline
     from sdwb.runs import atomic_dir, atomic_write_json
     from sdwb.variants.manifest import MANIFEST, verify_manifest
 
     threads = torch.get_num_threads()
     with scratch_dir(out) as scratch:
-        if export_dir is None:
-            say("exporting the float model to ONNX")
-            export_dir = Path(scratch) / "float"
-            exporter(pipe, export_dir, progress=lambda m: say(f"float export: {m}"))
-            parent = {**parent, "export": None}
-        else:
-            parent = {**parent, "export": str(export_dir.resolve())}
+        export_dir, parent, manifest = graph_variant.float_source(
+            pipe, export_dir, exporter, scratch, parent, say, verify_manifest, config.components)
         del pipe
-        manifest = verify_manifest(export_dir)
-        missing = [c for c in config.components if c not in manifest["components"]]
-        if missing:
-            raise SdwbError(
-                f"components {missing}: not in the export {export_dir} (it has "
-                f"{', '.join(manifest['components'])})"
-            )
         float_pipe = OrtStableDiffusionPipeline.from_export(export_dir, threads=threads, verify=False)
-        reference = None
-        if config.guard.enabled:
-            say("guard: probe images with the float model")
-            reference = guard_mod.render(float_pipe, config.guard)
-        calib = None
-        if config.method == "ort-int8-static":
-            from compress.calibration import record_trajectories
-
-            say("calibration: recording denoising trajectories")
-            calib = record_trajectories(float_pipe, config.calibration, progress=say)
+        reference, calib = graph_variant.probe_and_calibrate(float_pipe, config,
+                                                             config.method == "ort-int8-static", say)
         del float_pipe
         release_memory()  # sd15-arch: the float sessions held ~11 GB; quantize_static needs it back
         with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -133,23 +114,12 @@ def quantize_ort(
                 "size_mb": round(sum(e["size_mb"] for e in entries.values()), 3),
                 "parent_size_mb": round(sum(e["float_size_mb"] for e in entries.values()), 3),
             }
-            if config.guard.enabled:
-                say("guard: probe images with the quantized model")
-                quant_pipe = OrtStableDiffusionPipeline.from_export(tmp, threads=threads, verify=False)
-                metrics["guard"] = guard_mod.check(config.method, reference, quant_pipe, config.guard)
-                del quant_pipe
-            else:
-                metrics["guard"] = "disabled"
-            record = new_record(
-                stage="quantize", method=config.method, backend="onnxruntime",
-                weights="quantized ONNX graphs",
-                parent=parent, config=resolved(config), calibration=calib.summary() if calib else None,
-                metrics=metrics,
-            )
-            record["files"] = hash_files(tmp, skip=(RECORD, MANIFEST))
-            atomic_write_json(tmp / RECORD, record)
-            new_manifest["files"] = hash_files(tmp, skip=(MANIFEST,))  # now including sdwb.json
-            atomic_write_json(tmp / MANIFEST, new_manifest)
+            record = graph_variant.finish(
+                tmp, new_manifest, metrics, config=config, backend="onnxruntime",
+                weights="quantized ONNX graphs", parent=parent, calib=calib, reference=reference,
+                open_quantized=lambda d: OrtStableDiffusionPipeline.from_export(d, threads=threads,
+                                                                                verify=False),
+                say=say)
     return Variant(config.method, "onnxruntime", config, record, out, None, metrics)
 
 
@@ -209,7 +179,7 @@ def _quantize_component(
         raise SdwbError(f"{config.method}: no ONNX Runtime graph quantizer is registered for it")
     info = GRAPH_QUANTIZERS[config.method](src, dst, config, name, names, calib)
     feeds = (
-        _spread(calib.feeds[name], COMPARE_SAMPLES)
+        spread(calib.feeds[name], COMPARE_SAMPLES)
         if calib and calib.feeds.get(name)
         else _sample_feeds(entry)
     )

@@ -23,12 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compress import guard as guard_mod
 from compress.variant_io import Variant, scratch_dir
 from sdwb.errors import SdwbError
 from sdwb.quant.config import QuantConfig, resolved
 from sdwb.variants.files import MB, hash_files
-from sdwb.variants.record import RECORD, new_record
 
 COMPARE_SAMPLES = 4
 XML, BIN = "model.xml", "model.bin"
@@ -51,6 +49,7 @@ def _source_manifest(export_dir: Path) -> dict:
 def quantize_ov(pipe, export_dir: Path | None, config: QuantConfig, out: Path, overwrite: bool, parent: dict,
                 say, exporter=None) -> Variant:
     """Export (if needed), calibrate, quantize with NNCF, guard and write an OpenVINO variant."""
+    from compress import graph_variant
     from sdwb.backends.openvino import OvStableDiffusionPipeline
     from sdwb.runs import atomic_dir, atomic_write_json
     from sdwb.variants.manifest import MANIFEST
@@ -60,32 +59,18 @@ def quantize_ov(pipe, export_dir: Path | None, config: QuantConfig, out: Path, o
                         "quantize through `sdwb compress quantize`, which exports first")
     threads = torch.get_num_threads()
     with scratch_dir(out) as scratch:
-        if export_dir is None:
-            say("exporting the float model to ONNX")
-            export_dir = Path(scratch) / "float"
-            exporter(pipe, export_dir, progress=lambda m: say(f"float export: {m}"))
-            parent = {**parent, "export": None}
-        else:
-            parent = {**parent, "export": str(export_dir.resolve())}
+        export_dir, parent, manifest = graph_variant.float_source(
+            pipe, export_dir, exporter, scratch, parent, say, _source_manifest, config.components)
         del pipe
-        manifest = _source_manifest(export_dir)
-        missing = [c for c in config.components if c not in manifest["components"]]
-        if missing:
-            raise SdwbError(f"components {missing}: not in the export {export_dir} (it has "
-                            f"{', '.join(manifest['components'])})")
         cache = Path(scratch) / "ov-cache"
-        float_pipe = OvStableDiffusionPipeline.from_export(export_dir, threads=threads, cache_dir=cache,
-                                                           verify=False)
-        reference = None
-        if config.guard.enabled:
-            say("guard: probe images with the float model")
-            reference = guard_mod.render(float_pipe, config.guard)
-        calib = None
-        if config.method in CALIBRATED:
-            from compress.calibration import record_trajectories
 
-            say("calibration: recording denoising trajectories")
-            calib = record_trajectories(float_pipe, config.calibration, progress=say)
+        def open_pipe(directory: Path):
+            return OvStableDiffusionPipeline.from_export(directory, threads=threads, cache_dir=cache,
+                                                         verify=False)
+
+        float_pipe = open_pipe(export_dir)
+        reference, calib = graph_variant.probe_and_calibrate(float_pipe, config, config.method in CALIBRATED,
+                                                             say)
         del float_pipe
         with atomic_dir(out, overwrite=overwrite) as tmp:
             entries, started = {}, time.perf_counter()
@@ -107,24 +92,10 @@ def quantize_ov(pipe, export_dir: Path | None, config: QuantConfig, out: Path, o
                 "size_mb": round(sum(e["size_mb"] for e in done.values()), 3),
                 "parent_size_mb": round(sum(e["float_size_mb"] for e in done.values()), 3),
             }
-            if config.guard.enabled:
-                say("guard: probe images with the quantized model")
-                quant_pipe = OvStableDiffusionPipeline.from_export(tmp, threads=threads, cache_dir=cache,
-                                                                   verify=False)
-                metrics["guard"] = guard_mod.check(config.method, reference, quant_pipe, config.guard)
-                del quant_pipe
-            else:
-                metrics["guard"] = "disabled"
-            record = new_record(
-                stage="quantize", method=config.method, backend="openvino",
-                weights="NNCF-quantized OpenVINO IR",
-                parent=parent, config=resolved(config), calibration=calib.summary() if calib else None,
-                metrics=metrics,
-            )
-            record["files"] = hash_files(tmp, skip=(RECORD, MANIFEST))
-            atomic_write_json(tmp / RECORD, record)
-            new_manifest["files"] = hash_files(tmp, skip=(MANIFEST,))  # now including sdwb.json
-            atomic_write_json(tmp / MANIFEST, new_manifest)
+            record = graph_variant.finish(
+                tmp, new_manifest, metrics, config=config, backend="openvino",
+                weights="NNCF-quantized OpenVINO IR", parent=parent, calib=calib, reference=reference,
+                open_quantized=open_pipe, say=say)
     return Variant(config.method, "openvino", config, record, out, None, metrics)
 
 
@@ -138,16 +109,11 @@ def _feeds(calib, name: str, entry: dict) -> list[dict[str, np.ndarray]]:
     return [{k: v for k, v in f.items() if k in names} for f in feeds]
 
 
-def _spread(items: list, n: int) -> list:
-    if len(items) <= n:
-        return list(items)
-    return [items[int(i)] for i in np.linspace(0, len(items) - 1, n)]
-
-
 def _component(src_dir: Path, dst_dir: Path, name: str, entry: dict, config, calib) -> dict:
     """Read one graph, quantize it with ``config`` (None: keep it float), save IR, compare."""
     import openvino as ov
 
+    from compress.ort_variant import spread
     from compress.quant_ov import QUANTIZERS
 
     core = ov.Core()
@@ -158,7 +124,7 @@ def _component(src_dir: Path, dst_dir: Path, name: str, entry: dict, config, cal
         feeds = _feeds(calib, name, entry)
         float_model = model
         model, info = QUANTIZERS[config.method](model, config, name, feeds)
-        info["error_vs_float"] = _compare(core, float_model, model, _spread(feeds, COMPARE_SAMPLES), entry)
+        info["error_vs_float"] = _compare(core, float_model, model, spread(feeds, COMPARE_SAMPLES), entry)
         if not info["error_vs_float"]["finite"]:
             raise SdwbError(f"guard: {config.method} {name} graph outputs NaN/inf on recorded inputs; "
                             "refusing to save it, nothing was written")
@@ -181,17 +147,13 @@ def _graph_bytes(directory: Path, entry: dict) -> int:
 
 def _compare(core, float_model, quant_model, feeds: list[dict], entry: dict) -> dict:
     """Max abs / relative error of the first output, quantized vs float, on ``feeds`` (f32 plugin)."""
+    from sdwb.backends.openvino import run_f32
+
     name = entry["outputs"][0]["name"]
     max_abs, scale, finite = 0.0, 0.0, True
     for feed in feeds:
-        outs = []
-        for model in (float_model, quant_model):
-            m = model.clone()
-            m.reshape({k: list(v.shape) for k, v in feed.items()})
-            request = core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
-            request.infer(feed)
-            outs.append(np.array(request.get_tensor(name).data, copy=True).astype(np.float64))
-        ref, got = outs
+        ref, got = (run_f32(core, model, feed, [name])[0].astype(np.float64)
+                    for model in (float_model, quant_model))
         finite = finite and bool(np.isfinite(got).all())
         if finite:
             max_abs = max(max_abs, float(np.abs(got - ref).max()))

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdwb.backends.openvino import run_f32
 from sdwb.errors import SdwbError
 from sdwb.runs import atomic_dir, atomic_write_json
 from sdwb.variants.files import hash_files, library_versions
@@ -45,20 +46,6 @@ def _openvino():
     from sdwb.backends.openvino import require_openvino
 
     return require_openvino()
-
-
-def compiled_f32(core, model, shapes: dict[str, tuple]):
-    """``model`` reshaped to ``shapes`` and compiled for the CPU in f32 (validation precision)."""
-    model = model.clone()
-    model.reshape({k: list(v) for k, v in shapes.items()})
-    return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": "1"})
-
-
-def run_ir(core, model, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
-    """OpenVINO's outputs ``names`` for ``feeds`` (compiled for exactly these shapes)."""
-    request = compiled_f32(core, model, {k: v.shape for k, v in feeds.items()}).create_infer_request()
-    request.infer(feeds)
-    return [np.array(request.get_tensor(n).data, copy=True) for n in names]
 
 
 def manifest_feeds(entry: dict, point: dict[str, int], vocab_size: int, seed: int = 1) -> dict:
@@ -115,7 +102,7 @@ def validate_ir(core, model, entry: dict, onnx_path: Path, vocab_size: int, refe
             cases.append((point, feeds, _onnxruntime_outputs(onnx_path, feeds, names), "onnxruntime"))
     results = []
     for point, feeds, refs, against in cases:
-        outs = run_ir(core, model, feeds, names)
+        outs = run_f32(core, model, feeds, names)
         for name, out, ref in zip(names, outs, refs):
             result = {"point": point, "against": against, **compare(out, ref, atol, rtol)}
             if len(names) > 1:

@@ -31,7 +31,13 @@ import torch
 
 from sdwb.backends.onnxruntime import ExportedPipeline, load_tokenizers_and_scheduler
 from sdwb.errors import SdwbError
-from sdwb.variants.manifest import EXPORT_FORMAT, OPENVINO_FORMAT, read_manifest, verify_manifest
+from sdwb.variants.manifest import (
+    EXPORT_FORMAT,
+    OPENVINO_FORMAT,
+    manifest_format,
+    read_manifest,
+    verify_manifest,
+)
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 NEEDS = "the openvino backend needs the openvino package (pip install 'sd-workbench[openvino]')"
@@ -62,6 +68,17 @@ def compile_config(threads: int | None, precision: str, cache_dir: Path | None) 
     if cache_dir is not None:
         config["CACHE_DIR"] = str(cache_dir)
     return config
+
+
+def run_f32(core, model, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+    """``model``'s outputs ``names`` for ``feeds``, compiled for exactly these shapes in f32: what
+    validation (``export.openvino``) and quantization error (``compress.ov_variant``) compare."""
+    model = model.clone()
+    model.reshape({k: list(v.shape) for k, v in feeds.items()})
+    config = {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": "1"}
+    request = core.compile_model(model, "CPU", config).create_infer_request()
+    request.infer(feeds)
+    return [np.array(request.get_tensor(n).data, copy=True) for n in names]
 
 
 class OvComponent:
@@ -148,11 +165,5 @@ class OvStableDiffusionPipeline(ExportedPipeline):
 
 def _manifest(directory: Path, verify: bool) -> dict:
     """The manifest of an OpenVINO IR export, or of an ONNX export, hashes checked when ``verify``."""
-    import json
-
-    try:
-        found = json.loads((directory / "manifest.json").read_text()).get("format")
-    except (OSError, ValueError, AttributeError):
-        found = None  # read_manifest names what is wrong with it
-    fmt = EXPORT_FORMAT if found == EXPORT_FORMAT else OPENVINO_FORMAT
+    fmt = EXPORT_FORMAT if manifest_format(directory) == EXPORT_FORMAT else OPENVINO_FORMAT
     return verify_manifest(directory, fmt) if verify else read_manifest(directory, fmt)

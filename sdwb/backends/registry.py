@@ -37,7 +37,7 @@ from typing import Literal
 
 from sdwb.errors import SdwbError
 from sdwb.variants.files import MB
-from sdwb.variants.manifest import ENGINE_FORMAT, OPENVINO_FORMAT
+from sdwb.variants.manifest import ENGINE_FORMAT, OPENVINO_FORMAT, manifest_format
 from sdwb.variants.manifest import EXPORT_FORMAT as ONNX_FORMAT
 
 
@@ -131,20 +131,6 @@ TABLE: dict[str, ExportedBackend] = {
 BACKENDS = ("torch", *TABLE)
 EXPORTED_BACKENDS = tuple(TABLE)
 Backend = Literal[BACKENDS]  # the schemas' type of a backend name (bench scenarios, recipes, gate)
-
-
-def manifest_format(spec: str | Path) -> str | None:
-    """The ``format`` of ``spec``'s ``manifest.json``, or None when ``spec`` is no such directory."""
-    import json
-
-    path = Path(str(spec)).expanduser() / "manifest.json"
-    if str(spec).startswith("builtin:") or not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return "unreadable"
-    return data.get("format", "unknown") if isinstance(data, dict) else "unknown"
 
 
 def backend_for(spec: str | Path) -> str:

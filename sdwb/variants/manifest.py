@@ -37,6 +37,18 @@ def is_export_dir(path: str | Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file() and not (path / "model_index.json").exists()
 
 
+def manifest_format(spec: str | Path) -> str | None:
+    """The ``format`` of ``spec``'s ``manifest.json``, or None when ``spec`` is no such directory."""
+    path = Path(str(spec)).expanduser() / MANIFEST
+    if str(spec).startswith("builtin:") or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "unreadable"
+    return data.get("format", "unknown") if isinstance(data, dict) else "unknown"
+
+
 def read_manifest(directory: str | Path, expected_format: str = EXPORT_FORMAT) -> dict:
     """The parsed ``manifest.json`` of an export directory (no hashing)."""
     directory = Path(directory)
