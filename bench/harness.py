@@ -24,6 +24,10 @@ against a torch baseline row compare the same images), are timed per component t
 pipeline's hooks, and their memory probe opens the exported pipeline in a fresh process. Their
 ``size_mb`` is the graph files and ``params_m`` the ONNX initializers (see
 :mod:`sdwb.backends.registry`); ``unet_gmacs`` is counted on the source torch UNet (same graph).
+Every row says what its variant is (:mod:`bench.variant_info`, from its records and file headers):
+``method`` ("prune channels 0.3 → ONNX → ort-int8-static (UNet)"), ``precision`` ("UNet int8 (W8A8
+static), rest fp32"; ``dtype`` is only what the pipeline runs in) and ``weights_dtype`` (what the
+files ``size_mb`` counts store: "fp16", "UNet fp32, rest fp16").
 Extra columns: ``providers``, ``export_dir``, ``export_reused`` and, for an export made by
 this run, ``export_s`` and ``export_peak_rss_mb`` (the export runs as ``sdwb export onnx`` in a
 fresh process, so this is that command's peak RSS, and the benchmark never holds its memory).
@@ -144,10 +148,12 @@ def _bars(enabled: bool) -> Iterator[_Bars]:
     if not enabled:
         yield _Bars(None)
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from sdwb.progress import make_progress
 
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns) as progress:
+    with make_progress(*columns) as progress:
         yield _Bars(progress)
 
 
@@ -288,7 +294,7 @@ def _prepare(run: _Run, bars: _Bars) -> None:
 def _load(run: _Run, bars: _Bars) -> dict[str, Any]:
     """Load each distinct (backend, model, dtype, device, threads) once; fill the static columns."""
     from bench.memory import param_counts, size_on_disk_mb
-    from sdwb.loading import load_pipeline
+    from sdwb.loading import load_pipeline, resolve_spec
 
     cache: dict[tuple, Any] = {}
     pipes: dict[str, Any] = {}
@@ -309,6 +315,7 @@ def _load(run: _Run, bars: _Bars) -> dict[str, Any]:
         row = run.rows[s.variant]
         row.update(param_counts(pipe))
         row["size_mb"] = size_on_disk_mb(s.model)
+        row.update(_variant_columns(s, resolve_spec(s.model, "pipeline")))
         default = pipe.unet.config.sample_size * pipe.vae_scale_factor
         default = (default, default) if isinstance(default, int) else default
         row["height"], row["width"] = s.height or default[0], s.width or default[1]
@@ -318,7 +325,7 @@ def _load(run: _Run, bars: _Bars) -> dict[str, Any]:
 
 def _load_exported(run: _Run, s: Scenario, cache: dict[tuple, Any]):
     """Open an ONNX Runtime / OpenVINO / TensorRT pipeline (hashes verified); fill its static columns."""
-    from sdwb.backends.registry import exported_param_counts, exported_size_mb, open_exported
+    from sdwb.backends.registry import exported_param_counts, exported_size_mb, graph_files, open_exported
 
     directory = run.model_dirs[s.variant]
     key = (s.backend, str(directory.resolve()), s.device, s.threads, s.dtype)
@@ -342,10 +349,24 @@ def _load_exported(run: _Run, s: Scenario, cache: dict[tuple, Any]):
         row.update(exported_param_counts(directory, pipe.manifest))
         row["providers"] = f"openvino-{pipe.info['openvino'].split('-')[0]} CPU {pipe.info['precision']}"
     row["size_mb"] = exported_size_mb(directory, pipe.manifest)
+    row.update(_variant_columns(s, directory, graph_files(directory, pipe.manifest)))
     row["export_dir"] = _relative(directory, run.out)
     side = pipe.facts["sample_size"] * pipe.facts["vae_scale_factor"]
     row["height"], row["width"] = s.height or side, s.width or side
     return pipe
+
+
+def _variant_columns(s: Scenario, directory: Path | None, files: list[Path] | None = None) -> dict[str, Any]:
+    """``method`` (the stages that made the variant, from its records), ``precision`` (what it
+    computes in) and ``weights_dtype`` (what its weight files store, the files ``size_mb``
+    counts): :mod:`bench.variant_info`, read from the files without loading anything."""
+    from bench.variant_info import row_fields
+    from sdwb.variants.files import weight_files
+
+    if files is None and directory is not None and directory.is_dir():
+        files = weight_files(directory)
+    return row_fields(directory, files, backend=s.backend, dtype=s.dtype,
+                      compile_mode=s.compile_mode if s.compile else None)
 
 
 def _check_compilable(scenarios: list[Scenario]) -> None:

@@ -36,7 +36,7 @@ EXTRA_COLUMNS = (
     "prompts", "n_prompts", "seed", "warmup", "repeats", "timed_runs", "judge",
     "unet_batch", "text_encoder_calls", "vae_decode_calls", "unet_params_m",
     "color_acc_lo", "color_acc_hi", "shape_acc_lo", "shape_acc_hi", "position_acc_lo", "position_acc_hi",
-    "quality_note",
+    "quality_note", "method", "precision", "weights_dtype",
 )
 COLUMNS = REQUIRED_COLUMNS + EXTRA_COLUMNS
 RESULTS_CSV, RESULTS_JSON = "results.csv", "results.json"
@@ -123,6 +123,7 @@ def environment() -> dict[str, Any]:
     import torch
 
     from sdwb import __version__
+    from sdwb.threads import applied as applied_threads
 
     try:
         usable = len(os.sched_getaffinity(0))
@@ -147,6 +148,8 @@ def environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "thread_choice": applied_threads(),
         "gpu": gpu,
         "libraries": {name: _version(name) for name in LIBRARIES},
     }

@@ -167,11 +167,26 @@ def _write_results(directory, rows):
     return path
 
 
-def _md_rows(md):
-    lines = [line for line in md.splitlines() if line.startswith("| ")]
-    header = [c.strip() for c in lines[0].strip("|").split(" | ")]
-    cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[1:]]
-    return header, [dict(zip(header, row)) for row in cells]
+def _md_tables(md):
+    """{section title: [row dicts]} of every markdown table in the report."""
+    tables, title, lines = {}, None, md.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("## "):
+            title = line[3:]
+        elif line.startswith("| ") and (i == 0 or not lines[i - 1].startswith("|")):
+            header = [c.strip() for c in line.strip("|").split(" | ")]
+            body = []
+            for row in lines[i + 2:]:
+                if not row.startswith("| "):
+                    break
+                body.append(dict(zip(header, (c.strip() for c in row.strip("|").split(" | ")))))
+            tables[title] = body
+    return tables
+
+
+def _md_rows(md, table="Speed and quality"):
+    rows = _md_tables(md)[table]
+    return list(rows[0]), rows
 
 
 def test_report_renders_self_contained_html_and_dashes_for_null_metrics(tmp_path):
@@ -187,15 +202,20 @@ def test_report_renders_self_contained_html_and_dashes_for_null_metrics(tmp_path
     assert "Test CPU" in page and "abc1234" in page and "torch 2.13.0" in page
     assert "sdwb bench e2e.yaml -o out" in page
 
-    _, rows = _md_rows(md_path.read_text())
+    md = md_path.read_text()
+    _, rows = _md_rows(md)
+    cost_header, cost = _md_rows(md, "Cost and details")
     assert [r["variant"] for r in rows] == ["baseline (baseline)", "bf16-4steps"]
-    null_cells = ["CLIP score [95% CI]", "colour acc % [95% CI]", "CMMD", "PSNR dB", "SSIM", "CUDA peak MB"]
-    for col in null_cells:
+    for col in ["CLIP score [95% CI]", "colour acc % [95% CI]", "PSNR dB"]:
         assert rows[1][col] == MISSING, col
-    assert rows[0]["PSNR dB"] == "∞" and rows[0]["CMMD"] == "0.250"
+    for col in ["CMMD", "SSIM"]:
+        assert cost[1][col] == MISSING, col
+    assert "CUDA peak MB" not in cost_header  # empty for every row (a CPU run): left out
+    assert rows[0]["PSNR dB"] == "∞" and cost[0]["CMMD"] == "0.250"
     assert rows[1]["speed-up"] == "2.00×" and rows[0]["speed-up"] == "1.00×"
     assert rows[0]["colour acc % [95% CI]"] == "80.0 [70.0–90.0]"
-    assert not any(cell in ("0", "0.00", "0.0") for row in rows for cell in row.values())
+    assert not any(cell in ("0", "0.00", "0.0") for row in rows + cost for cell in row.values())
+    assert "bf16-4steps: 2.00× faster than baseline: quality not measured" in md
 
 
 def test_a_compressed_variant_in_its_own_directory_is_compared_to_the_named_baseline(tmp_path):

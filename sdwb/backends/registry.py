@@ -254,11 +254,12 @@ def ensure_export(spec: str, directory: str | Path, *, max_batch: int = 8,
 
 
 def graph_files(directory: str | Path, manifest: dict) -> list[Path]:
-    """The graph files of every component (model.onnx + external data, or engine plans)."""
+    """The graph files of every component (model.onnx + external data, OpenVINO's model.xml +
+    model.bin, or engine plans)."""
     directory = Path(directory)
     out = []
     for entry in manifest.get("components", {}).values():
-        out += [directory / entry[key] for key in ("file", "external_data") if entry.get(key)]
+        out += [directory / entry[key] for key in ("file", "external_data", "weights") if entry.get(key)]
     return out
 
 
