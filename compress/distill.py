@@ -185,11 +185,13 @@ def _bar(enabled: bool, name: str, total: float, completed: float, unit: str):
     if not enabled:
         yield lambda **_: None
         return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from sdwb.progress import make_progress
 
     columns = (TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} "
                + unit), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns) as progress:
+    with make_progress(*columns) as progress:
         task = progress.add_task(name, total=total, completed=completed, info="resumed" if completed else "")
         yield lambda **kw: progress.update(task, **kw)
 

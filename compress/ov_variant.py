@@ -76,9 +76,9 @@ def quantize_ov(pipe, export_dir: Path | None, config: QuantConfig, out: Path, o
             entries, started = {}, time.perf_counter()
             for name, entry in manifest["components"].items():
                 quantized = name in config.components
-                say(f"{'quantizing' if quantized else 'converting'} {name}" +
-                    (f" ({config.method})" if quantized else ""))
-                entries[name] = _component(export_dir, tmp, name, entry, config if quantized else None, calib)
+                say(f"quantizing {name} with NNCF ({config.method})" if quantized else f"converting {name}")
+                entries[name] = _component(export_dir, tmp, name, entry, config if quantized else None, calib,
+                                           say)
             quantize_s = round(time.perf_counter() - started, 3)
             for keep in KEEP:
                 if (export_dir / keep).is_dir():
@@ -109,8 +109,9 @@ def _feeds(calib, name: str, entry: dict) -> list[dict[str, np.ndarray]]:
     return [{k: v for k, v in f.items() if k in names} for f in feeds]
 
 
-def _component(src_dir: Path, dst_dir: Path, name: str, entry: dict, config, calib) -> dict:
-    """Read one graph, quantize it with ``config`` (None: keep it float), save IR, compare."""
+def _component(src_dir: Path, dst_dir: Path, name: str, entry: dict, config, calib, say=None) -> dict:
+    """Read one graph, quantize it with ``config`` (None: keep it float), save IR, compare; ``say``
+    hears when the comparison starts (NNCF's own progress bars are off: :mod:`compress.quant_ov`)."""
     import openvino as ov
 
     from compress.ort_variant import spread
@@ -124,6 +125,8 @@ def _component(src_dir: Path, dst_dir: Path, name: str, entry: dict, config, cal
         feeds = _feeds(calib, name, entry)
         float_model = model
         model, info = QUANTIZERS[config.method](model, config, name, feeds)
+        if say is not None:
+            say(f"quantizing {name} ({config.method}): comparing with the float graph")
         info["error_vs_float"] = _compare(core, float_model, model, spread(feeds, COMPARE_SAMPLES), entry)
         if not info["error_vs_float"]["finite"]:
             raise SdwbError(f"guard: {config.method} {name} graph outputs NaN/inf on recorded inputs; "

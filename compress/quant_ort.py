@@ -15,7 +15,10 @@ weights do. Weights are symmetric int8, per output channel by default for static
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -25,6 +28,36 @@ from sdwb.errors import SdwbError
 from sdwb.quant.config import QuantConfig
 
 TWO_GB = 2**31 - 1
+# ONNX Runtime's quantizer logs this advice (twice per call, on the root logger) for any graph not
+# run through its pre-processing example script: nothing a user of sdwb can act on (the variant's
+# guard checks the result), so that message is dropped, and nothing else.
+_PREPROCESS_ADVICE = re.compile(r"Please consider (to run )?pre-processing before quantization")
+
+
+class _DropPreprocessAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _PREPROCESS_ADVICE.search(record.getMessage())
+
+
+@contextlib.contextmanager
+def _ort_quantizer_quiet():
+    """Around an ONNX Runtime quantizer call: no Python warnings, and no pre-processing advice
+    (a filter on the root logger, which ``logging.warning`` in the quantizer logs to). The
+    handler that ``logging.warning`` installs on a handler-less root logger (``basicConfig``)
+    is taken away again, so the process logs as it did before the call."""
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    advice = _DropPreprocessAdvice()
+    root.addFilter(advice)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.removeFilter(advice)
+        if not handlers:
+            for handler in [h for h in root.handlers if h not in handlers]:
+                root.removeHandler(handler)
 
 
 def _load(path: Path, data: bool = False):
@@ -80,8 +113,7 @@ def quantize_dynamic_file(src: Path, dst: Path, config: QuantConfig) -> dict:
 
     model = _load(src)
     exclude = resolve_exclusions(model, config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _ort_quantizer_quiet():
         quantize_dynamic(
             src,
             dst,
@@ -112,8 +144,7 @@ def quantize_static_file(src: Path, dst: Path, config: QuantConfig, reader) -> d
     flush = _flush_every(len(reader))
     if flush:
         extra["CalibMaxIntermediateOutputs"] = flush
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _ort_quantizer_quiet():
         quantize_static(
             src,
             dst,

@@ -3,11 +3,15 @@
 Each quantizer takes the float ``ov.Model``, the method's config, the component's name and its
 recorded inputs (a list of ``{input name: array}``), and returns the quantized model and a summary
 (what NNCF was asked to do, how many weight constants became 8-bit). NNCF's own logging is quieted
-to warnings: its progress bars would interleave with sdwb's.
+to warnings and its rich progress bars ("Statistics collection", "Applying Smooth Quant") are off
+while a quantizer runs: they redraw in place, which garbles a log file and interleaves with sdwb's
+own status line (the caller says which component is being quantized, see ``compress.ov_variant``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
 
 from sdwb.errors import SdwbError
@@ -16,13 +20,46 @@ QUANTIZERS: dict[str, Callable] = {}
 
 
 def quantizes(method: str):
-    """Function decorator: register the NNCF quantizer of ``method``."""
+    """Function decorator: register the NNCF quantizer of ``method`` (run without NNCF's bars)."""
 
     def add(fn: Callable) -> Callable:
-        QUANTIZERS[method] = fn
+        @functools.wraps(fn)
+        def quiet(*args, **kwargs):
+            with no_nncf_progress_bars():
+                return fn(*args, **kwargs)
+
+        QUANTIZERS[method] = quiet
         return fn
 
     return add
+
+
+@contextlib.contextmanager
+def no_nncf_progress_bars():
+    """NNCF draws no progress bars inside this block.
+
+    NNCF (3.x) draws them with ``nncf.common.logging.track_progress.track``, a class its
+    algorithms import by name; it has a ``disable`` argument but no global switch (neither
+    ``nncf.set_log_level`` nor an environment variable turns it off). So ``track.__init__`` is
+    wrapped for the duration to pass ``disable=True``; the class is restored afterwards.
+    """
+    try:
+        from nncf.common.logging.track_progress import track
+    except ImportError:  # another NNCF layout: its bars stay, nothing else changes
+        yield
+        return
+    original = track.__init__
+
+    @functools.wraps(original)
+    def silent(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    track.__init__ = silent
+    try:
+        yield
+    finally:
+        track.__init__ = original
 
 
 def _nncf():

@@ -64,10 +64,12 @@ def _progress(enabled: bool, total: int):
     if not enabled:
         yield lambda: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from sdwb.progress import make_progress
 
     columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as bar:
+    with make_progress(*columns, transient=True) as bar:
         task = bar.add_task("generate", total=total)
         yield lambda: bar.advance(task)
 
@@ -81,6 +83,87 @@ def image_grid(images: list, columns: int):
     grid = Image.new("RGB", (columns * w, rows * h), "white")
     for i, img in enumerate(images):
         grid.paste(img, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+CAPTION_MIN_WIDTH = 192  # px: a caption column is at least this wide, however small the image
+CAPTION_MAX_LINES = 4
+
+
+def _caption_font(size: int):
+    """PIL's default font at ``size`` px (scalable where PIL has FreeType, else its fixed bitmap font)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # old Pillow, or no FreeType: the 11 px bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap_words(text: str, width: float, measure) -> list[str]:
+    lines: list[str] = []
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and measure(candidate) <= width:
+            lines[-1] = candidate
+            continue
+        while word and measure(word) > width:  # one word wider than the line: split it
+            cut = next((i for i in range(len(word) - 1, 0, -1) if measure(word[:i]) <= width), 1)
+            lines.append(word[:cut])
+            word = word[cut:]
+        if word:
+            lines.append(word)
+    return lines
+
+
+def wrap_caption(text: str, width: float, measure, max_lines: int = CAPTION_MAX_LINES) -> list[str]:
+    """``text`` broken into lines no wider than ``width`` (``measure(s)`` gives a string's width):
+    at spaces, a word wider than a line split where it must. Each ``\\n``-separated part starts a
+    new line; past ``max_lines`` the first part is cut short, ending in ``...``, so later (short)
+    parts such as a ``seed N`` line stay."""
+    head, *rest = str(text).split("\n")
+    tail = [line for part in rest for line in _wrap_words(part, width, measure)][: max_lines - 1]
+    lines = _wrap_words(head, width, measure)
+    room = max_lines - len(tail)
+    if len(lines) > room:
+        last = lines[room - 1]
+        while last and measure(last + "...") > width:
+            last = last[:-1]
+        lines = lines[: room - 1] + [last.rstrip() + "..."]
+    return (lines + tail) or [""]
+
+
+def captioned_grid(images: list, captions: list[str], columns: int, *,
+                   min_width: int = CAPTION_MIN_WIDTH, max_lines: int = CAPTION_MAX_LINES, gap: int = 8):
+    """Equally sized PIL images in a grid, row-major, each with its caption wrapped and centred underneath.
+
+    Each cell is the image's width, or ``min_width`` for small images (the image centred above),
+    so the text stays readable under a 64 px image; every cell of the grid keeps room for as
+    many lines as the longest caption needs (at most ``max_lines``); cells are ``gap`` px apart."""
+    from PIL import Image, ImageDraw
+
+    if len(captions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    w, h = images[0].size
+    cell_w = max(w, min_width)
+    pad = 4
+    font = _caption_font(max(12, min(18, cell_w // 24)))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [wrap_caption(c, cell_w - 2 * pad, lambda s: probe.textlength(s, font=font), max_lines)
+               for c in captions]
+    line_h = font.getbbox("Agjy|")[3] + 3  # bitmap fonts have no getmetrics()
+    cap_h = 2 * pad + line_h * max(len(lines) for lines in wrapped)
+    cell_h = h + cap_h
+    columns = max(1, min(columns, len(images)))
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * (cell_w + gap) - gap, rows * (cell_h + gap) - gap), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (img, lines) in enumerate(zip(images, wrapped)):
+        x0, y0 = (i % columns) * (cell_w + gap), (i // columns) * (cell_h + gap)
+        grid.paste(img, (x0 + (cell_w - w) // 2, y0))
+        for k, line in enumerate(lines):  # centred under the image
+            x = x0 + (cell_w - draw.textlength(line, font=font)) / 2
+            draw.text((x, y0 + h + pad + k * line_h), line, fill=(20, 20, 20), font=font)
     return grid
 
 

@@ -159,9 +159,28 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
         torch.nn.Module.to(module, dtype=dtype)
 
 
+def quiet_library_progress() -> None:
+    """No tqdm bars from diffusers and transformers ("Loading pipeline components...", "Loading
+    weights"): they would interleave with sdwb's own progress lines. Process-wide and idempotent;
+    every load here calls it, so no command has to remember to."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """The diffusers pipeline for ``spec`` (``StableDiffusionPipeline`` for SD 1.x / 2.x,
-    ``StableDiffusionXLPipeline`` for SDXL), in ``dtype`` on ``device``, safety checker off."""
+    ``StableDiffusionXLPipeline`` for SDXL), in ``dtype`` on ``device``, safety checker off,
+    drawing no progress bars of its own (loading or denoising: sdwb draws its own)."""
+    quiet_library_progress()
+    pipe = _load_pipeline(spec, device, dtype)
+    pipe.set_progress_bar_config(disable=True)  # DiffusionPipeline: its denoising bar
+    return pipe
+
+
+def _load_pipeline(spec: str, device: str, dtype: torch.dtype):
     if spec.startswith(BUILTIN_PREFIX) and get_builtin(spec).builder is not None:
         import importlib
 
@@ -225,6 +244,7 @@ def load_judge(spec: str = "builtin:shapes-judge", device: str = "cpu"):
     if not (path / "config.json").is_file():
         raise SdwbError(f"not a Hugging Face model directory: no config.json in {path}")
     verify_model(spec, path, "judge")
+    quiet_library_progress()
     from transformers import CLIPModel, CLIPProcessor
 
     try:

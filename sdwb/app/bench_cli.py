@@ -18,9 +18,12 @@ from sdwb.errors import SdwbError
 
 
 def bench_command(
-    config: Annotated[Optional[Path], typer.Argument(help="Bench config YAML (configs/bench/...).")] = None,
+    config: Annotated[
+        Optional[Path], typer.Argument(metavar="CONFIG", help="Bench config YAML (configs/bench/...).")
+    ] = None,
     model: Annotated[
-        Optional[list[str]], typer.Option("--model", "-m", help="Quick form: a model to bench (repeat).")
+        Optional[list[str]],
+        typer.Option("--model", "-m", metavar="MODEL", help="Quick form: a model to bench (repeat)."),
     ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory.")] = None,
     backend: Annotated[

@@ -18,11 +18,19 @@ from typing import Annotated, Optional
 
 import typer
 
+try:  # typer >= 0.20 carries its own copy of click; its usage errors are that copy's classes
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer on the real click
+    from click import exceptions as click_exceptions
+
 from sdwb import __version__
 from sdwb.backends.registry import BACKENDS
 from sdwb.errors import SdwbError
+from sdwb.threads import apply_default as apply_default_threads
+from sdwb.threads import start_window
 
 app = typer.Typer(
+    rich_markup_mode=None,
     name="sdwb",
     help="sd-workbench: make Stable Diffusion cheaper to run and prove it.",
     no_args_is_help=True,
@@ -30,8 +38,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-data_app = typer.Typer(help="The procedural shapes data set.", no_args_is_help=True)
-config_app = typer.Typer(help="Recipes: validate and resolve YAML files in configs/.", no_args_is_help=True)
+data_app = typer.Typer(rich_markup_mode=None, help="The procedural shapes data set.", no_args_is_help=True)
+config_app = typer.Typer(rich_markup_mode=None, help="Recipes: validate and resolve YAML files in configs/.",
+                         no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 
@@ -50,15 +59,50 @@ from sdwb.app.gate_cli import gate_command  # noqa: E402
 from sdwb.app.report_cli import report_command  # noqa: E402
 
 app.add_typer(compress_app, name="compress")
-app.add_typer(export_app, name="export")
-app.command("bench")(bench_command)
-app.command("report")(report_command)
-app.command("gate")(gate_command)
+app.add_typer(export_app, name="export",
+              short_help="Export to ONNX or OpenVINO IR, or build TensorRT engines.")
+# short_help: the one line `sdwb --help` lists (click would cut the first sentence mid-way at 80 columns)
+app.command("bench", short_help="Benchmark variants side by side: latency, memory, quality.")(bench_command)
+app.command("report", short_help="Render bench results into report.md and report.html.")(report_command)
+app.command("gate", short_help="Decide whether a candidate regressed against a baseline.")(gate_command)
+
+
+def _wrap_help_at_spaces() -> None:
+    """Help text wraps at spaces only, never inside a hyphenated word.
+
+    click wraps help with textwrap's default ``break_on_hyphens=True``, which split method names
+    and defaults at 80 columns (``ov-`` / ``int8-hybrid``, ``[default: no-`` / ``overwrite]``): names
+    a user copies. Its ``wrap_text`` builds a ``TextWrapper`` from its ``_textwrap`` module on each
+    call, so a subclass there changes only the default. Help text only; no-op if that changes.
+    """
+    try:
+        from typer._click import _textwrap
+    except ImportError:  # pragma: no cover - older typer on the real click
+        try:
+            from click import _textwrap
+        except ImportError:
+            return
+    base = _textwrap.TextWrapper
+    if getattr(base, "sdwb_no_hyphen_breaks", False):
+        return
+
+    class TextWrapper(base):
+        sdwb_no_hyphen_breaks = True
+
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("break_on_hyphens", False)
+            super().__init__(*args, **kwargs)
+
+    _textwrap.TextWrapper = TextWrapper
+
+
+_wrap_help_at_spaces()
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SetOption = Annotated[
     Optional[list[str]],
-    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a recipe key, e.g. generate.steps=4."),
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a recipe key, e.g. generate.steps=4 "
+                 "(repeat for several)."),
 ]
 
 
@@ -80,6 +124,7 @@ def _root(
     ] = False,
 ) -> None:
     """sd-workbench: make Stable Diffusion cheaper to run and prove it."""
+    apply_default_threads()  # before any library that reads its thread count loads
     if follow_symlinks:  # the environment, so worker processes (memory probe, gate) inherit it
         from sdwb.verify import FOLLOW_SYMLINKS_ENV
 
@@ -95,9 +140,9 @@ def _console():
 # --------------------------------------------------------------------------- models
 
 
-@app.command()
+@app.command(short_help="List the builtin models and the families and verbs supported.")
 def models(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     """List the builtin models (what each is for, whether quality metrics apply, whether present)
     and the Stable Diffusion families, with the verbs each supports."""
@@ -118,19 +163,31 @@ def models(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    from rich.markup import escape
-    from rich.table import Table
+    import textwrap
 
-    table = Table(title="builtin models", show_lines=True)
-    table.add_column("name", no_wrap=True, style="bold")
-    table.add_column("quality\nmetrics", no_wrap=True)
-    table.add_column("what it is for", overflow="fold", ratio=3)
-    table.add_column("status, location", overflow="fold", ratio=1, min_width=18)
+    from rich.table import Table
+    from rich.text import Text
+
+    # One block per model, the long text on its own lines (wrapped at spaces, indented): readable
+    # at 80 columns, where a table's narrow description column broke words in the middle.
+    console = _console()
+
+    def indented(text: str) -> str:
+        return textwrap.fill(text, width=max(40, console.width - 1), initial_indent="    ",
+                             subsequent_indent="    ", break_on_hyphens=False)
+
+    console.print(Text("builtin models", style="bold"))
     for r in rows:
-        status = "[green]available[/]" if r["available"] else "[red]missing[/]"
-        table.add_row(r["name"], "yes" if r["quality_metrics"] else "no", escape(r["description"]),
-                      f"{status}\n{escape(r['location'])}")
-    _console().print(table)
+        head = Text.assemble(
+            "\n", (r["name"], "bold"), "  ",
+            ("available", "green") if r["available"] else ("missing", "red"),
+            f", quality metrics {'yes' if r['quality_metrics'] else 'no'}",
+            f", {r['family']}" if r["family"] else "",
+        )
+        console.print(head)
+        for text, style in ((r["description"], ""), (f"location: {r['location']}", "dim")):
+            console.print(Text(indented(text), style=style), soft_wrap=True)
+    console.print()
     families = Table(title="Stable Diffusion families: verbs supported", show_lines=False)
     families.add_column("verb", no_wrap=True, style="bold")
     table_rows = support_table()
@@ -138,8 +195,8 @@ def models(
         families.add_column(row["family"], justify="center")
     for verb in VERBS:
         families.add_row(verb, *("yes" if row[verb] else "-" for row in table_rows))
-    _console().print(families)
-    _console().print(
+    console.print(families)
+    console.print(
         f"Also accepted as --model: a local diffusers pipeline directory of one of these families "
         f"({supported_text()}; any other pipeline class is refused), or a hub id already in the local "
         "Hugging Face cache (nothing is downloaded)."
@@ -164,8 +221,9 @@ def _resolve_device(device: str) -> str:
 GENERATE_HELP = (
     "Generate images from a model.\n\n"
     "One image is written to OUTPUT. With several (more than one --prompt, or --batch > 1) OUTPUT is a "
-    "grid (one row per prompt, one column per image of that prompt) and every image is also written "
-    "beside it as STEM-NNN.SUFFIX. Image k (prompt-major order) is seeded with seed + k. "
+    "grid (one row per prompt, one column per image of that prompt) with each image's prompt and seed "
+    "under it, and every image is also written beside it, uncaptioned, as STEM-NNN.SUFFIX. Image k "
+    "(prompt-major order) is seeded with seed + k. "
     "STEM.json beside OUTPUT records the resolved recipe, the prompts, seeds and files.\n\n"
     "Precedence: flags, then --set, then the --config file, then the model's own inference defaults "
     "(steps, scheduler, guidance of a distilled variant's sdwb.json), then the defaults."
@@ -174,7 +232,9 @@ GENERATE_HELP = (
 
 @app.command(help=GENERATE_HELP)
 def generate(
-    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt (repeat for several).")],
+    prompt: Annotated[
+        list[str], typer.Option("--prompt", "-p", metavar="TEXT", help="Prompt (repeat for several).")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Image file to write (.png/.jpg).")],
     model: Annotated[
         Optional[str], typer.Option("--model", "-m", help="builtin:NAME, a directory, or a cached hub id.")
@@ -279,13 +339,15 @@ def generate(
         atomic_save_image(images[0], output)
         files.append(str(output))
     else:
-        from sdwb.generate import image_grid
+        from sdwb.generate import captioned_grid
 
         for k, img in enumerate(images):
             path = output.with_name(f"{output.stem}-{k:03d}{output.suffix}")
             atomic_save_image(img, path)
             files.append(str(path))
-        atomic_save_image(image_grid(images, columns=g.batch if len(prompt) > 1 else len(images)), output)
+        captions = [f"{p}\nseed {g.seed + k}" for k, p in enumerate(prompts)]
+        columns = g.batch if len(prompt) > 1 else len(images)
+        atomic_save_image(captioned_grid(images, captions, columns=columns), output)
     record = {
         "command": "generate",
         "sdwb_version": __version__,
@@ -340,7 +402,7 @@ def _generate_exported(backend: str, model: str, dtype: str, device: str, prompt
 # --------------------------------------------------------------------------- data
 
 
-@data_app.command("preview")
+@data_app.command("preview", short_help="Write a captioned grid of data-set samples (+ .json).")
 def data_preview(
     output: Annotated[Path, typer.Option("--output", "-o", help="Grid image to write (.png).")],
     count: Annotated[int, typer.Option("-n", "--count", help="Number of samples (1-256).")] = 16,
@@ -368,9 +430,9 @@ def data_preview(
 # --------------------------------------------------------------------------- config
 
 
-@config_app.command("check")
+@config_app.command("check", short_help="Validate a recipe and print it resolved, as YAML.")
 def config_check(
-    file: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    file: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML file.")],
     set_: SetOption = None,
 ) -> None:
     """Validate a recipe and print it resolved (defaults filled in, --set applied) as YAML."""
@@ -384,9 +446,11 @@ def config_check(
 # --------------------------------------------------------------------------- run
 
 
-@app.command("run")
+@app.command("run", short_help="Run a recipe's stages in order (prune ... bench, report).")
 def run(
-    recipe_file: Annotated[Path, typer.Argument(help="configs/recipes/*.yaml, or a recipe name.")],
+    recipe_file: Annotated[
+        Path, typer.Argument(metavar="RECIPE", help="configs/recipes/*.yaml, or a recipe name.")
+    ],
     set_: SetOption = None,
     store: Annotated[Path, typer.Option(help="Where stage artifacts live, by hash.")] = Path("runs/stages"),
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; run nothing.")] = False,
@@ -455,12 +519,11 @@ def _quiet_libraries() -> None:
 
 
 def _disable_library_progress_bars() -> None:
-    """diffusers/transformers draw tqdm bars while loading; ours (rich) replace them."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    """diffusers/transformers draw tqdm bars while loading; ours (rich) replace them. Every
+    ``sdwb.loading`` load turns them off too; this covers the exported backends' loads as well."""
+    from sdwb.loading import quiet_library_progress
 
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    quiet_library_progress()
 
 
 _ENVIRONMENT_ERRNOS = (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT)
@@ -489,8 +552,22 @@ def _internal(exc: BaseException) -> SystemExit:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; turn errors into one ``error:`` line on stderr and a non-zero exit code."""
     _quiet_libraries()
+    start_window()  # the load seen while the command line is parsed decides the default threads
     try:
-        app(args=argv, prog_name="sdwb")
+        code = app(args=argv, prog_name="sdwb", standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as e:  # `sdwb compress`: the group's help, as before
+        e.show()
+        sys.exit(e.exit_code)
+    except click_exceptions.UsageError as e:  # typer's own usage errors: one line too
+        where = e.ctx.command_path if e.ctx is not None else "sdwb"
+        sys.stderr.write(f"error: {_one_line(e.format_message())} (see `{where} --help`)\n")
+        sys.exit(e.exit_code)
+    except click_exceptions.ClickException as e:
+        sys.stderr.write(f"error: {_one_line(e.format_message())}\n")
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(130)
     except SdwbError as e:
         if os.environ.get("SDWB_DEBUG") == "1":
             raise
@@ -516,6 +593,9 @@ def main(argv: list[str] | None = None) -> None:
             f"error: internal: {type(e).__name__}: {_one_line(e)} (set SDWB_DEBUG=1 for a traceback)\n"
         )
         sys.exit(1)
+    if code == 130:  # typer turns Ctrl-C into Exit(130), which non-standalone mode returns
+        sys.stderr.write("error: interrupted\n")
+    sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)  # as standalone click
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from sdwb.errors import SdwbError
 from sdwb.quant.config import methods_help
 
 compress_app = typer.Typer(
+    rich_markup_mode=None,
     help="Compress a model into a variant: quantize, prune, distill.",
     no_args_is_help=True,
 )
@@ -78,7 +79,7 @@ def _quiet_libraries(method: str) -> None:
             pass  # quantize() reports it, after the clearer device checks
 
 
-@compress_app.command("quantize")
+@compress_app.command("quantize", short_help="Quantize a model with one method, guarded against float.")
 def quantize_command(
     output: OutputOpt,
     model: Annotated[
@@ -122,11 +123,10 @@ def quantize_command(
         cfg = load_quant_config(config, set_, **flags, **{"calibration.prompts": calib_prompts})
     _check_output(output, overwrite)
     _quiet_libraries(cfg.method)
-    from rich.console import Console
+    from sdwb.progress import status
 
-    with Console().status(f"quantizing {model} ({cfg.method})", spinner="dots") as status:
-        variant = quantize(model, cfg, output, overwrite=overwrite, progress=lambda m: status.update(m),
-                           exporter=export_onnx)
+    with status(f"quantizing {model} ({cfg.method})") as update:
+        variant = quantize(model, cfg, output, overwrite=overwrite, progress=update, exporter=export_onnx)
     m = variant.metrics
     guard = m.get("guard")
     guard_text = (
@@ -138,7 +138,7 @@ def quantize_command(
     typer.echo(f"wrote {output} ({cfg.method}, {backend_of(cfg)}{size}; {guard_text}) and {output}/sdwb.json")
 
 
-@compress_app.command("distill")
+@compress_app.command("distill", short_help="Step-distil a model (progressive or LCM), resumable.")
 def distill_command(
     output: OutputOpt,
     model: Annotated[
@@ -206,7 +206,7 @@ def _names(text: Optional[str]) -> Optional[list[str]]:
     return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
 
 
-@compress_app.command("prune")
+@compress_app.command("prune", short_help="Prune the UNet (channels or blocks), optionally recover.")
 def prune_command(
     output: OutputOpt,
     model: Annotated[

@@ -14,8 +14,10 @@ from typing import Annotated, Optional
 import typer
 
 from sdwb.errors import SdwbError
+from sdwb.progress import status
 
 export_app = typer.Typer(
+    rich_markup_mode=None,
     help="Export a model to ONNX or OpenVINO IR (validated) or build TensorRT engines from an export.",
     no_args_is_help=True,
 )
@@ -55,7 +57,7 @@ def _check_output(output: Path, overwrite: bool) -> None:
     check_writable_dir(output, f"--output {output}")
 
 
-@export_app.command("onnx")
+@export_app.command("onnx", short_help="Export a model to ONNX, each graph validated against PyTorch.")
 def onnx_command(
     model: Annotated[str, typer.Option("--model", "-m", help="builtin:NAME, a variant dir, or a hub id.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Export directory to create.")],
@@ -76,10 +78,10 @@ def onnx_command(
     names = _parse_components(components)
     _check_output(output, overwrite)  # before the model loads (minutes for a large one)
     console = _console()
-    with console.status(f"exporting {model}", spinner="dots") as status:
+    with status(f"exporting {model}", console=console) as update:
         manifest = export_onnx(model, output, opset=opset, components=names, slim=slim, max_batch=max_batch,
                                exporter=exporter, overwrite=overwrite,
-                               progress=lambda msg: status.update(f"{model}: {msg}"))
+                               progress=lambda msg: update(f"{model}: {msg}"))
     table = Table(title=f"{output} (opset {opset})")
     for col in ("component", "size", "exporter", "export s", "max abs err", "max rel err"):
         table.add_column(col)
@@ -114,7 +116,7 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-@export_app.command("openvino")
+@export_app.command("openvino", short_help="Convert a model or an ONNX export to OpenVINO IR, validated.")
 def openvino_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="OpenVINO IR directory to create.")],
     model: Annotated[
@@ -136,9 +138,9 @@ def openvino_command(
     source = model if model is not None else onnx
     _check_output(output, overwrite)
     console = _console()
-    with console.status(f"exporting {source} to OpenVINO IR", spinner="dots") as status:
+    with status(f"exporting {source} to OpenVINO IR", console=console) as update:
         manifest = export_openvino(source, output, max_batch=max_batch, overwrite=overwrite,
-                                   progress=lambda msg: status.update(f"{source}: {msg}"))
+                                   progress=lambda msg: update(f"{source}: {msg}"))
     table = Table(title=f"{output} (OpenVINO {manifest['openvino'].split('-')[0]})")
     for col in ("component", "size", "max abs err", "validated against"):
         table.add_column(col)
@@ -149,7 +151,7 @@ def openvino_command(
                f"{output}/manifest.json (process peak RSS {peak_rss_mb():.0f} MB)")
 
 
-@export_app.command("tensorrt")
+@export_app.command("tensorrt", short_help="Build TensorRT engines from an ONNX export (NVIDIA GPU).")
 def tensorrt_command(
     onnx: Annotated[Path, typer.Option("--onnx", help="An ONNX export directory (sdwb export onnx).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Engine directory to create.")],
@@ -165,10 +167,9 @@ def tensorrt_command(
     from export.tensorrt import build_engines
 
     _check_output(output, overwrite)
-    with _console().status(f"building engines from {onnx}", spinner="dots") as status:
+    with status(f"building engines from {onnx}") as update:
         manifest = build_engines(onnx, output, fp16=fp16, int8=int8, timing_cache=timing_cache,
-                                 strict_fp32=strict_fp32, overwrite=overwrite,
-                                 progress=lambda msg: status.update(msg))
+                                 strict_fp32=strict_fp32, overwrite=overwrite, progress=update)
     for name, entry in manifest["components"].items():
         typer.echo(f"{name}: {entry['file']} ({entry['build_seconds']:.0f} s)")
     built = f"TensorRT {manifest['tensorrt']}, {manifest['gpu']}"

@@ -418,7 +418,7 @@ def _run_export(p, recipe, *, progress, say, command) -> None:
 
 def _run_generate(p, recipe, *, progress, say, command) -> None:
     from sdwb import shapes
-    from sdwb.generate import generate, image_grid
+    from sdwb.generate import captioned_grid, generate
     from sdwb.loading import load_pipeline
     from sdwb.runs import atomic_dir, atomic_save_image
 
@@ -442,7 +442,8 @@ def _run_generate(p, recipe, *, progress, say, command) -> None:
     with atomic_dir(p.out) as tmp:
         for k, image in enumerate(images):
             atomic_save_image(image, tmp / f"{k:03d}.png")
-        atomic_save_image(image_grid(images, columns=min(8, len(images))), tmp / "grid.png")
+        captions = [f"{prompt}\nseed {g.seed + k}" for k, prompt in enumerate(prompts)]
+        atomic_save_image(captioned_grid(images, captions, columns=min(8, len(images))), tmp / "grid.png")
         (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
 
 

@@ -144,7 +144,9 @@ def run_loop(
     Logs smoothed losses to ``log_path`` (JSON lines) and checkpoints every ``checkpoint_every``
     steps and at the end. Returns the last smoothed metrics.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from sdwb.progress import make_progress
 
     start = checkpointer.load()
     smoothed: dict[str, float] = {}
@@ -157,7 +159,7 @@ def run_loop(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, disable=not progress, transient=False) as bar, open(log_path, "a") as log:
+    with make_progress(*columns, disable=not progress) as bar, open(log_path, "a") as log:
         task = bar.add_task(name, total=total_steps, completed=start, info="resumed" if start else "")
         for step in range(start, total_steps):
             metrics = step_fn(step)
