@@ -53,6 +53,7 @@ from compress.distill_methods import METHODS
 from compress.lcm import update_target
 from sdwb.conditioning import expand
 from sdwb.errors import SdwbError
+from sdwb.threads import adapt as adapt_threads
 
 STUDENT_FILE = "student.safetensors"
 POOL_FILE = "latent_pool.safetensors"
@@ -289,6 +290,7 @@ def _train_round(rnd: _Round, directory: Path, log_path: Path, progress: bool) -
             open(log_path, "a") as log:
         while (step < amount) if kind == "steps" else (elapsed() < amount or step == 0):
             fraction = step / amount if kind == "steps" else elapsed() / amount
+            adapt_threads()  # load that arrived after the start: fewer threads, not a collapse
             metrics = rnd.step(step, _lr_factor(cfg, step, fraction))
             losses.append(metrics["loss"])
             if state["loss_first"] is None and len(losses) == window:

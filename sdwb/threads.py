@@ -14,7 +14,11 @@ instead takes its thread count from what is free when the command starts:
 
 A user's choice always wins: ``--threads N`` on a command, ``SDWB_THREADS=N``, or ``OMP_NUM_THREADS``
 set before the run. The choice and its reason go into every results file's environment.
-Load that arrives after the start is not seen: the decision is taken once per process.
+
+Load that arrives after the start: training loops (recovery, distillation, the builtin models)
+call :func:`adapt` between steps, which re-decides from the load of the last ``ADAPT_EVERY_S``
+and changes torch's thread count (only for an automatic choice). Inference and benchmarks keep
+the count they started with: a benchmark must time every run at the same, recorded, count.
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ THREADS_ENV = "SDWB_THREADS"
 BUSY_THRESHOLD = 0.5
 WINDOW_S = 0.25
 
+ADAPT_EVERY_S = 2.0
+
 _START: tuple[float, int, int] | None = None
 _CHOICE: "ThreadChoice | None" = None
+_ADAPT_FROM: tuple[float, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,13 @@ def start_window() -> None:
         _START = _snapshot()
 
 
+def _others(start: tuple[float, int, int], end: tuple[float, int, int]) -> float:
+    """CPUs other processes kept busy between two snapshots (this process's own time removed)."""
+    seconds = max(end[0] - start[0], 1e-6)
+    others = (end[1] - start[1]) - (end[2] - start[2])
+    return max(0.0, others / os.sysconf("SC_CLK_TCK") / seconds)
+
+
 def busy_elsewhere(window_s: float = WINDOW_S) -> float | None:
     """CPUs kept busy by other processes since :func:`start_window` (waiting out ``window_s``)."""
     start_window()
@@ -113,12 +127,13 @@ def busy_elsewhere(window_s: float = WINDOW_S) -> float | None:
     if elapsed < window_s:
         time.sleep(window_s - elapsed)
     end = _snapshot()
-    if end is None:
-        return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    seconds = end[0] - _START[0]
-    others = (end[1] - _START[1]) - (end[2] - _START[2])
-    return max(0.0, others / ticks / seconds)
+    return None if end is None else _others(_START, end)
+
+
+def threads_for(cpus: int, busy: float | None) -> int:
+    """Threads for ``cpus`` usable CPUs of which ``busy`` are kept busy by others (None: unknown)."""
+    taken = 0 if busy is None else math.floor(busy + (1 - BUSY_THRESHOLD))
+    return max(1, cpus - taken)
 
 
 def _from_env(name: str) -> int | None:
@@ -144,8 +159,7 @@ def choose() -> ThreadChoice:
             _CHOICE = ThreadChoice(n, name, cpus, quota, None, f"{name}={n}")
             return _CHOICE
     busy = busy_elsewhere()
-    taken = 0 if busy is None else math.floor(busy + (1 - BUSY_THRESHOLD))
-    threads = max(1, cpus - taken)
+    threads = threads_for(cpus, busy)
     where = f"{cpus} usable CPU(s)" + (f" (cgroup quota {quota:g})" if quota is not None else "")
     load = "load unknown" if busy is None else f"{busy:.2f} busy elsewhere at start"
     _CHOICE = ThreadChoice(threads, "auto", cpus, quota, None if busy is None else round(busy, 2),
@@ -167,11 +181,44 @@ def apply_default() -> ThreadChoice:
     return choice
 
 
+def adapt(say=None) -> int | None:
+    """Between training steps: re-decide an automatic thread count from the load of the last
+    ``ADAPT_EVERY_S`` seconds; set torch's count and return it when it changed, else None.
+
+    Cheap: two small /proc reads (~50 us) per call, a decision at most every ``ADAPT_EVERY_S``.
+    A user's fixed count is never changed. ``say(text)`` reports a change (default: a line on stderr)."""
+    global _ADAPT_FROM
+    if _CHOICE is None or _CHOICE.source != "auto":
+        return None
+    now = _snapshot()
+    if now is None or (_ADAPT_FROM is not None and now[0] - _ADAPT_FROM[0] < ADAPT_EVERY_S):
+        return None
+    before, _ADAPT_FROM = _ADAPT_FROM, now
+    if before is None:
+        return None
+    import torch
+
+    busy = _others(before, now)
+    target, current = threads_for(_CHOICE.cpus_usable, busy), torch.get_num_threads()
+    if target == current:
+        return None
+    torch.set_num_threads(target)
+    text = f"threads: {current} -> {target} ({busy:.1f} CPUs busy elsewhere)"
+    if say is None:
+        import sys
+
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+    else:
+        say(text)
+    return target
+
+
 def applied() -> dict | None:
     """The choice this process made, for a results environment (None: none was made here)."""
     return None if _CHOICE is None else _CHOICE.as_dict()
 
 
 def _reset_for_tests() -> None:
-    global _START, _CHOICE
-    _START, _CHOICE = None, None
+    global _START, _CHOICE, _ADAPT_FROM
+    _START, _CHOICE, _ADAPT_FROM = None, None, None

@@ -127,3 +127,40 @@ def test_make_progress_is_plain_lines_off_a_terminal():
     assert isinstance(make_progress(console=Console(file=io.StringIO())), LineProgress)
     terminal = Console(file=io.StringIO(), force_terminal=True)
     assert not isinstance(make_progress(console=terminal), LineProgress)
+
+
+def test_adapt_follows_load_that_arrives_after_the_start(monkeypatch):
+    """Training loops call adapt(): a neighbour arriving mid-run takes a thread away, leaving gives it
+    back; a user's fixed count is never touched."""
+    import torch
+
+    before = torch.get_num_threads()
+    ticks = threads.os.sysconf("SC_CLK_TCK")
+    clock = {"t": 100.0, "busy": 0, "mine": 0}
+    monkeypatch.setattr(threads, "_snapshot", lambda: (clock["t"], clock["busy"], clock["mine"]))
+    monkeypatch.setattr(threads, "usable_cpus", lambda: (2, None))
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda window_s=threads.WINDOW_S: 0.0)
+    said = []
+    try:
+        assert threads.choose().threads == 2
+        torch.set_num_threads(2)
+        assert threads.adapt(say=said.append) is None  # first call: starts the interval
+
+        def run(seconds: float, others: float, mine: float = 1.5):
+            clock["t"] += seconds
+            clock["busy"] += int((others + mine) * seconds * ticks)
+            clock["mine"] += int(mine * seconds * ticks)
+            return threads.adapt(say=said.append)
+
+        assert run(0.5, others=1.0) is None  # within ADAPT_EVERY_S: not looked at yet
+        assert run(threads.ADAPT_EVERY_S, others=0.8) == 1 and torch.get_num_threads() == 1
+        assert run(threads.ADAPT_EVERY_S, others=1.0, mine=1.0) is None  # still busy: stays at 1
+        assert run(threads.ADAPT_EVERY_S, others=0.05, mine=1.0) == 2 and torch.get_num_threads() == 2
+        assert said[0].startswith("threads: 2 -> 1") and said[1].startswith("threads: 1 -> 2")
+        threads._reset_for_tests()
+        monkeypatch.setenv(threads.THREADS_ENV, "2")
+        threads.choose()
+        threads.adapt()
+        assert run(threads.ADAPT_EVERY_S, others=1.9) is None and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

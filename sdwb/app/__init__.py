@@ -5,3 +5,9 @@ lines and recipes into calls of the stages, chains their artifacts (``recipe:`` 
 resolved here) and prints their results. Below it, the core (``sdwb``) imports no stage, and a
 stage never imports a stage after it (``tests/test_layers.py`` holds all of this to account).
 """
+
+from sdwb.threads import start_window
+
+# First thing a command does: start the short window whose load decides the default thread count
+# (sdwb.threads), so the CLI's own imports overlap it instead of the command waiting for it.
+start_window()

@@ -552,7 +552,7 @@ def _internal(exc: BaseException) -> SystemExit:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; turn errors into one ``error:`` line on stderr and a non-zero exit code."""
     _quiet_libraries()
-    start_window()  # the load seen while the command line is parsed decides the default threads
+    start_window()  # no-op after sdwb.app's import started the window (kept for direct callers)
     try:
         code = app(args=argv, prog_name="sdwb", standalone_mode=False)
     except click_exceptions.NoArgsIsHelpError as e:  # `sdwb compress`: the group's help, as before

@@ -147,6 +147,7 @@ def run_loop(
     from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from sdwb.progress import make_progress
+    from sdwb.threads import adapt as adapt_threads
 
     start = checkpointer.load()
     smoothed: dict[str, float] = {}
@@ -162,6 +163,7 @@ def run_loop(
     with make_progress(*columns, disable=not progress) as bar, open(log_path, "a") as log:
         task = bar.add_task(name, total=total_steps, completed=start, info="resumed" if start else "")
         for step in range(start, total_steps):
+            adapt_threads()  # load that arrived after the start: fewer threads, not a collapse
             metrics = step_fn(step)
             for k, v in metrics.items():
                 smoothed[k] = v if k not in smoothed else 0.98 * smoothed[k] + 0.02 * v
@@ -174,6 +176,7 @@ def run_loop(
                             "stage": name,
                             "step": step,
                             "time_s": round(time.time() - t0, 2),
+                            "threads": torch.get_num_threads(),
                             **{k: round(v, 6) for k, v in metrics.items()},
                         }
                     )
