@@ -58,7 +58,7 @@ demo: venv
 	$(BIN)/sdwb generate --model builtin:tiny-shapes $(DEMO_PROMPTS) --steps 25 -o $(DEMO_DIR)/generated.png
 	$(BIN)/sdwb baseline eval --prompts 54 --steps 25 --grid $(DEMO_DIR)/eval-grid.png
 	$(BIN)/sdwb run configs/recipes/demo.yaml --out $(DEMO_DIR)
-	@echo "demo outputs in $(DEMO_DIR)/ (run.json: every stage); the report is $(DEMO_DIR)/report/report.html (and report.md)"
+	@echo "demo outputs in $(DEMO_DIR)/ (run.json: every stage); the report, verdict first, is $(DEMO_DIR)/report/report.html (and report.md)"
 
 gate: venv
 	$(BIN)/sdwb bench configs/bench/ci-gate.yaml -o $(GATE_DIR) --no-progress
