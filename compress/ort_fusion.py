@@ -152,6 +152,30 @@ def _fuse_with_onnxscript(src: Path, dst: Path) -> dict | None:
     return {"fuser": "onnxscript.optimize_for_ort", **_summary(counts, split=0)}
 
 
+@contextmanager
+def _no_tqdm_bars():
+    """ORT's UNet fusion draws its own tqdm bar ("fusion: 0/18 ...") that garbles logs and sits
+    between sdwb's lines; it is turned off for the call (tqdm reads ``TQDM_DISABLE`` only at import,
+    so the class is swapped for one that is always disabled, and put back afterwards)."""
+    try:
+        import tqdm
+    except ImportError:
+        yield
+        return
+    original = tqdm.tqdm
+
+    class Quiet(original):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    tqdm.tqdm = Quiet
+    try:
+        yield
+    finally:
+        tqdm.tqdm = original
+
+
 def _fuse_with_ort_optimizer(src: Path, dst: Path) -> dict | None:
     """ONNX Runtime's transformer optimizer (TorchScript graphs); None when it finds no attention."""
     from onnxruntime.transformers.fusion_options import FusionOptions
@@ -160,7 +184,7 @@ def _fuse_with_ort_optimizer(src: Path, dst: Path) -> dict | None:
     options = FusionOptions("unet")
     for name in _CUDA_ONLY_FUSIONS:
         setattr(options, name, False)
-    with _numpy2_num_heads():
+    with _numpy2_num_heads(), _no_tqdm_bars():
         optimized = optimize_model(
             str(src),
             model_type="unet",
