@@ -93,9 +93,11 @@ def test_own_work_is_not_counted_as_busy_elsewhere():
         pass
     elsewhere = threads.busy_elsewhere(window_s=0.5)
     last = threads._snapshot()
-    machine = (last[1] - first[1]) / os.sysconf("SC_CLK_TCK") / (last[0] - first[0])
-    assert machine >= 0.8  # our own spinning, seen machine-wide
-    assert elsewhere <= machine - 0.6
+    seconds, ticks = last[0] - first[0], os.sysconf("SC_CLK_TCK")
+    machine = (last[1] - first[1]) / ticks / seconds
+    own = (last[2] - first[2]) / ticks / seconds
+    assert own >= 0.2  # we did spin (how much CPU we got depends on the machine's other load)
+    assert elsewhere == pytest.approx(machine - own, abs=0.3)  # the answer excludes exactly our share
 
 
 def test_line_progress_prints_at_least_every_interval():
