@@ -122,6 +122,12 @@ def _is_export_of(s: Scenario) -> bool:
                         f"{' or '.join(row.dtypes)} (exports are fp32 graphs)")
     found = manifest_format(s.model)
     if row.exports_spec and found is None:
+        from sdwb.cache.config import refuse_cache_variant
+
+        try:
+            refuse_cache_variant(s.model, f"backend {s.backend}")
+        except SdwbError as e:
+            raise SdwbError(f"variant {s.variant}: {e}") from None
         return False  # a torch model spec: exported into OUT/exports/<variant>/ by _prepare
     try:
         check_model(s.backend, s.model, flag="model")

@@ -18,7 +18,9 @@ process default at the start of ``measure``) and recorded.
 Definitions (per timed run = one pipeline call generating ``batch`` images):
 ``unet_calls`` = UNet forward calls (diffusers batches the conditional and unconditional
 halves of classifier-free guidance into one call, so DDIM gives ``steps`` calls of
-``2*batch`` samples when guidance > 1, of ``batch`` otherwise: see ``unet_batch``);
+``2*batch`` samples when guidance > 1, of ``batch`` otherwise: see ``unet_batch``) that ran the
+whole UNet; a DeepCache variant's calls that reused the deep features and ran only the shallow
+branch are ``unet_shallow_calls`` (``unet_shallow_ms_per_call`` each), 0 for every other model;
 ``text_encoder_ms`` / ``unet_ms_per_call`` / ``vae_decode_ms`` are per call, medians over
 runs; ``e2e_s_*`` are seconds per image (run time / batch) over runs.
 """
@@ -33,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from sdwb.cache.config import last_call
 from sdwb.errors import SdwbError
 
 # timed name -> the (pipeline attribute, method) pairs it covers (SDXL: both text encoders count as
@@ -114,7 +117,10 @@ class ComponentTimer:
             if name == "unet" and self.unet_slowdown:
                 self.clock.sync()
                 busy_wait(self.clock.elapsed(start, self.clock.mark()) * self.unet_slowdown)
-            self._marks.append((name, start, self.clock.mark()))
+            kind = name
+            if name == "unet" and last_call(self.pipe) == "shallow":
+                kind = "unet_shallow"  # a DeepCache step that reused the deep features
+            self._marks.append((kind, start, self.clock.mark()))
             return out
 
         return timed
@@ -141,7 +147,7 @@ class ComponentTimer:
         self.clock.sync()
         out: dict[str, list[float]] = {name: [] for name in COMPONENTS}
         for name, start, end in self._marks:
-            out[name].append(self.clock.elapsed(start, end))
+            out.setdefault(name, []).append(self.clock.elapsed(start, end))
         self._marks.clear()
         return out
 
@@ -319,6 +325,7 @@ def summarize(timings: list[RunTiming]) -> dict[str, Any]:
                         for t in timings])
 
     unet_calls = _median([len(t.calls.get("unet", [])) for t in timings])
+    shallow_calls = _median([len(t.calls.get("unet_shallow", [])) for t in timings])
     te_calls = _median([len(t.calls.get("text_encoder", [])) for t in timings])
     vae_calls = _median([len(t.calls.get("vae_decode", [])) for t in timings])
     return {
@@ -329,6 +336,8 @@ def summarize(timings: list[RunTiming]) -> dict[str, Any]:
         "text_encoder_ms": per_call_ms("text_encoder"),
         "unet_ms_per_call": per_call_ms("unet"),
         "unet_calls": int(round(unet_calls)) if unet_calls is not None else None,
+        "unet_shallow_calls": int(round(shallow_calls)) if shallow_calls is not None else None,
+        "unet_shallow_ms_per_call": per_call_ms("unet_shallow"),
         "vae_decode_ms": per_call_ms("vae_decode"),
         "text_encoder_calls": int(round(te_calls)) if te_calls is not None else None,
         "vae_decode_calls": int(round(vae_calls)) if vae_calls is not None else None,

@@ -130,6 +130,10 @@ def probe(args: argparse.Namespace) -> dict:
         if exported:
             pipe = _source_pipeline(pipe.manifest)
         if pipe is not None:
+            from sdwb.cache.config import applied, remove_cache
+
+            if getattr(applied(pipe), "method", None) == "deepcache":
+                remove_cache(pipe)  # its unet_gmacs: one full call (what unet_calls counts)
             inputs = unet_example_inputs(pipe, args.height, args.width)
             out["unet_gmacs"] = unet_macs(eager_unet(pipe), inputs)["gmacs"]  # counted on the modules
     return out

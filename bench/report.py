@@ -580,6 +580,8 @@ def latency_figure(rows: list[dict], labels: list[str]) -> bytes | None:
         per = 1.0 / 1000 / max(_value(r.get("batch")) or 1.0, 1.0)
         te = (_value(r.get("text_encoder_ms")) or 0.0) * (_value(r.get("text_encoder_calls")) or 1.0) * per
         unet = (_value(r.get("unet_ms_per_call")) or 0.0) * (_value(r.get("unet_calls")) or 0.0) * per
+        unet += ((_value(r.get("unet_shallow_ms_per_call")) or 0.0)
+                 * (_value(r.get("unet_shallow_calls")) or 0.0) * per)  # DeepCache's shallow calls
         vae = (_value(r.get("vae_decode_ms")) or 0.0) * (_value(r.get("vae_decode_calls")) or 1.0) * per
         total = _value(r.get("e2e_s_median"))
         for name, v in zip(comps, (te, unet, vae, max(total - te - unet - vae, 0.0))):

@@ -35,6 +35,7 @@ EXTRA_COLUMNS = (
     "scenario", "base_variant", "baseline", "device", "threads", "scheduler", "height", "width",
     "prompts", "n_prompts", "seed", "warmup", "repeats", "timed_runs", "judge",
     "unet_batch", "text_encoder_calls", "vae_decode_calls", "unet_params_m",
+    "unet_shallow_calls", "unet_shallow_ms_per_call",
     "color_acc_lo", "color_acc_hi", "shape_acc_lo", "shape_acc_hi", "position_acc_lo", "position_acc_hi",
     "quality_note", "method", "precision", "weights_dtype",
 )

@@ -93,6 +93,10 @@ def _step(record: dict) -> str | None:
         return f"distill {method}{guidance}" + (f" ({steps} steps)" if steps else "")
     if stage == "quantize":
         return f"{method} ({_components(config.get('components') or ['unet'])})"
+    if stage == "cache" and method == "deepcache":
+        return f"deepcache interval {config.get('interval')} (branch {config.get('branch')})"
+    if stage == "cache" and method == "tomesd":
+        return f"tomesd ratio {config.get('ratio')} (max_downsample {config.get('max_downsample')})"
     if stage in (None, "baseline"):
         return None
     return f"{stage} {method}" if method else str(stage)

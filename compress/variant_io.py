@@ -75,6 +75,9 @@ def load_source(source, *, refuse: dict[str, str], export_error: str | None) -> 
     path = resolve_spec(spec, "pipeline")  # None for a model built in code (sd15-arch)
     record = read_record(path) if path is not None and path.is_dir() else None
     stage = (record or {}).get("stage")
+    if stage == "cache" and stage not in refuse:  # patched torch modules at load: no verb builds on them
+        refuse = {**refuse, "cache": "{spec}: a {method} cache variant (applied when it loads); compress the "
+                  "model it was made from ({parent}), then apply {method} to the result"}
     if stage in refuse:
         raise SdwbError(refuse[stage].format(spec=spec, method=record.get("method"), stage=stage,
                                              parent=(record.get("parent") or {}).get("spec")))

@@ -25,6 +25,7 @@ VERBS = (
     "quantize (openvino)",
     "prune",
     "distill",
+    "cache",
     "export onnx",
     "backend onnxruntime",
     "export openvino",

@@ -202,6 +202,9 @@ def generate(
     prompts = list(prompts)
     if steps < 1 or batch < 1:
         raise SdwbError(f"steps and batch must be >= 1 (got steps={steps}, batch={batch})")
+    from sdwb.cache.config import check_steps
+
+    check_steps(pipe, steps)  # a DeepCache variant asked for one step: nothing to reuse
     images: list = []
     with scheduler_swapped(pipe, scheduler), _progress(progress, len(prompts) * steps) as advance, \
             torch.inference_mode():

@@ -86,6 +86,9 @@ def compile_unet(pipe, mode: str = "default"):
     import torch._dynamo
 
     check_mode(mode)
+    from sdwb.cache.config import check_compilable
+
+    check_compilable(pipe)  # DeepCache's step schedule is Python state
     if isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule):
         return pipe
     # every shape (and every compiled UNet) is one more entry on the same code objects: past the

@@ -493,7 +493,7 @@ def run(
     left = f", {counts['pending']} left for later" if counts["pending"] else ""
     typer.echo(f"recipe {recipe.name}: {counts['ran']} stage(s) ran, {counts['cached']} reused{left}; "
                f"record in {result.run_dir / 'run.json'}")
-    final = [p for p in result.stages if p.kind in ("prune", "distill", "quantize", "export")]
+    final = [p for p in result.stages if p.kind in ("prune", "distill", "quantize", "cache", "export")]
     if final and final[-1].done:
         typer.echo(f"model: {final[-1].out}")
     report = result.report()

@@ -1,8 +1,8 @@
 """``sdwb run RECIPE``: execute a recipe's stages in order, each artifact addressed by a hash.
 
 What: a recipe (``configs/recipes/*.yaml``, :mod:`sdwb.app.recipe_schema`) lists stages -- prune, distill,
-quantize, export, generate, bench, report. Each model stage (prune / distill / quantize /
-export) takes the current model and produces the next one; generate / bench / report read
+quantize, cache, export, generate, bench, report. Each model stage (prune / distill / quantize /
+cache / export) takes the current model and produces the next one; generate / bench / report read
 models and write results.
 
 Why hashes: a stage's key is the sha256 of its kind, its resolved config and the keys of what it
@@ -51,6 +51,7 @@ _DONE_MARKERS = {
     "prune": "sdwb.json",
     "distill": "sdwb.json",
     "quantize": "sdwb.json",
+    "cache": "sdwb.json",
     "export": "manifest.json",
     "bench": "results.json",
     "report": "report.html",
@@ -400,6 +401,12 @@ def _run_quantize(p, recipe, *, progress, say, command) -> None:
     quantize(p.input, p.stage.quant_config(), p.out, progress=say, exporter=export_onnx)
 
 
+def _run_cache(p, recipe, *, progress, say, command) -> None:
+    from compress.cache import make_cache_variant
+
+    make_cache_variant(p.input, p.stage.cache_config(), p.out, say=say)
+
+
 def _run_export(p, recipe, *, progress, say, command) -> None:
     from export.onnx import export_onnx
 
@@ -478,6 +485,7 @@ EXECUTORS: dict[str, Callable] = {
     "prune": _run_prune,
     "distill": _run_distill,
     "quantize": _run_quantize,
+    "cache": _run_cache,
     "export": _run_export,
     "generate": _run_generate,
     "bench": _run_bench,

@@ -134,6 +134,37 @@ class QuantizeStage(_Section):
         return {**head, **resolved(self.quant_config())}
 
 
+class CacheStage(_Section):
+    """Apply a training-free acceleration to the current model, as ``sdwb compress cache`` does: the
+    keys of ``configs/cache/*.yaml`` (``method`` picks the schema; same checks). Torch models only."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    kind: Literal["cache"]
+    name: str | None = _stage_name()
+
+    def cache_config(self):
+        """The method's typed config (:mod:`sdwb.cache.config`)."""
+        from sdwb.cache.config import parse_cache_config
+
+        return parse_cache_config(dict(self.model_extra or {}), "cache")
+
+    @model_validator(mode="after")
+    def _check_method(self) -> CacheStage:
+        try:
+            self.cache_config()
+        except SdwbError as e:
+            raise ValueError(str(e).removeprefix("cache: ")) from None
+        return self
+
+    @model_serializer(mode="wrap")
+    def _resolved(self, handler):
+        from sdwb.cache.config import resolved
+
+        head = {"kind": self.kind, **({"name": self.name} if self.name is not None else {})}
+        return {**head, **resolved(self.cache_config())}
+
+
 class ExportStage(_Section):
     """Export the current model to ONNX and validate it against PyTorch, as ``sdwb export onnx``."""
 
@@ -176,11 +207,11 @@ class ReportStage(_Section):
 
 # Every stage type, one model each, told apart by ``kind``.
 STAGE_TYPES: tuple[type[BaseModel], ...] = (GenerateStage, PruneStage, DistillStage, QuantizeStage,
-                                            ExportStage, BenchStage, ReportStage)
+                                            CacheStage, ExportStage, BenchStage, ReportStage)
 Stage = Annotated[Union[STAGE_TYPES], Field(discriminator="kind")]
 
 # Stages whose output is a model the next stages take as their input.
-MODEL_STAGES = ("prune", "distill", "quantize", "export")
+MODEL_STAGES = ("prune", "distill", "quantize", "cache", "export")
 
 
 def stage_name(stage: BaseModel) -> str:

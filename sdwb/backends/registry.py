@@ -152,6 +152,9 @@ def check_model(backend: str, spec: str | Path, flag: str = "--model") -> Path |
         raise SdwbError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return None
+    from sdwb.cache.config import refuse_cache_variant
+
+    refuse_cache_variant(spec, f"--backend {backend}")
     row = TABLE[backend]
     if row.requires is not None:
         row.requires()
