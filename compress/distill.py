@@ -89,9 +89,11 @@ class RoundPlan:
 
 
 @torch.no_grad()
-def latent_pool(pipe, count: int, path: Path | None = None, progress: bool = False) -> dict:
+def latent_pool(pipe, count: int, path: Path | None = None, progress: bool = False,
+                seed_base: int | None = None) -> dict:
     """The first ``count`` train-stream images encoded by ``pipe.vae`` (posterior mean, std) and their
-    captions' token ids; cached at ``path`` (safetensors) when given."""
+    captions' token ids; cached at ``path`` (safetensors) when given. ``seed_base``: another stream
+    (``shapes.EVAL_SEED_BASE``: held-out images); default the train stream."""
     import numpy as np
     from rich.progress import track
     from safetensors.torch import load_file, save_file
@@ -109,7 +111,8 @@ def latent_pool(pipe, count: int, path: Path | None = None, progress: bool = Fal
     chunk = 128
     for start in track(range(0, count, chunk), description="latent pool", disable=not progress,
                        transient=True):
-        samples = [shapes.sample_from_seed(shapes.TRAIN_SEED_BASE + start + i)
+        base = shapes.TRAIN_SEED_BASE if seed_base is None else seed_base
+        samples = [shapes.sample_from_seed(base + start + i)
                    for i in range(min(chunk, count - start))]
         x = images_to_vae_input(np.stack([s.render() for s in samples]))
         if x.shape[-1] != side:  # a model whose native size is not the data set's 64 px
@@ -140,6 +143,8 @@ def _load_source(source) -> tuple[object, dict, str | None]:
     src = load_source(source, refuse={
         "quantize": "{spec}: a quantized variant ({method}); distill its float parent ({parent}) and "
                     "quantize the student",
+        "decoder": "{spec}: has a distilled tiny decoder, whose VAE cannot encode the training data; distil "
+                   "its parent ({parent}), then distil the decoder of the student",
     }, export_error="{spec}: an ONNX export; distillation trains a torch UNet: give the diffusers pipeline "
                     "or "
                     "builtin model it was exported from")

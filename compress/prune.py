@@ -67,6 +67,8 @@ def _load_source(source) -> tuple[object, dict, str | None]:
     src = load_source(source, refuse={
         "quantize": "{spec}: already quantized ({method}); prune its parent ({parent}) instead",
         "prune": "{spec}: already pruned ({method}); prune its parent ({parent}) instead",
+        "decoder": "{spec}: has a distilled tiny decoder, whose VAE cannot encode the training data; prune "
+                   "its parent ({parent}), then distil the decoder of the result",
     }, export_error="{spec}: an ONNX export; pruning needs the diffusers pipeline or builtin model it was "
                     "exported from")
     spec = src.parent.get("spec")

@@ -295,7 +295,15 @@ def _source(spec_or_pipe) -> tuple[object, dict, Path | None]:
 
     require_family(spec_or_pipe, "export onnx")
     if not isinstance(spec_or_pipe, (str, Path)):
+        from sdwb.cache.config import applied
+
+        if applied(spec_or_pipe) is not None:
+            raise SdwbError(f"export onnx: the pipeline runs {applied(spec_or_pipe).method} (a torch-only "
+                            "patch); export the model it was applied to")
         return spec_or_pipe, {"spec": None, "class": type(spec_or_pipe).__name__}, None
+    from sdwb.cache.config import refuse_cache_variant
+
+    refuse_cache_variant(spec_or_pipe, "export onnx")
     from sdwb.zoo import BUILTIN_PREFIX, get_builtin
 
     spec = str(spec_or_pipe)
@@ -357,6 +365,9 @@ def export_onnx(
         raise SdwbError(f"components {bad}: expected some of {', '.join(COMPONENTS)}")
     say("loading model")
     pipe, source, sdwb_json = _source(spec_or_pipe)
+    if "vae_encoder" in components and type(pipe.vae).__name__ == "AutoencoderTiny":
+        raise SdwbError("components: vae_encoder: the VAE is an AutoencoderTiny (a distilled decoder, "
+                        "`sdwb compress decoder`) whose encoder is not trained; export without vae_encoder")
     networks = [getattr(pipe, n, None) for n in ("unet", "vae", "text_encoder", "text_encoder_2")]
     dtypes = {str(m.dtype).removeprefix("torch.") for m in networks if m is not None}
     if dtypes != {"float32"}:

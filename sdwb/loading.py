@@ -212,16 +212,31 @@ def _load_pipeline(spec: str, device: str, dtype: torch.dtype):
     attach(pipe, for_spec(str(path)))  # a distilled variant's steps / sampler / guidance
     record = _quantized_record(path)
     if record is not None:
-        return _requantize(pipe, path, record, device, dtype)
-    if device != "cpu":
+        pipe = _requantize(pipe, path, record, device, dtype)
+    elif device != "cpu":
         pipe = pipe.to(device)
-    return pipe
+    return _recache(pipe, path)
 
 
 def _quantized_record(path: Path) -> dict | None:
-    """The ``sdwb.json`` of a quantized variant directory, else None (plain pipelines, pruned ...)."""
+    """The ``sdwb.json`` of a quantized variant directory, else None (plain pipelines, pruned ...).
+    A cache variant of a torch quantized model holds its parent's files: the parent's record."""
     record = read_record(path)
+    if record is not None and record.get("stage") == "cache":
+        record = (record.get("parent") or {}).get("variant")
     return record if is_quantized(record) else None
+
+
+def _recache(pipe, path: Path):
+    """Re-apply a cache variant's recorded method (``sdwb compress cache``: DeepCache, ToMe)."""
+    from sdwb.cache.config import cache_record, parse_cache_config
+
+    record = cache_record(path)
+    if record is not None:
+        from sdwb.cache.config import apply_cache
+
+        apply_cache(pipe, parse_cache_config(record.get("config", {}), str(path / "sdwb.json")))
+    return pipe
 
 
 def _requantize(pipe, path: Path, record: dict, device: str, dtype: torch.dtype):

@@ -17,7 +17,7 @@ from sdwb.quant.config import methods_help
 
 compress_app = typer.Typer(
     rich_markup_mode=None,
-    help="Compress a model into a variant: quantize, prune, distill.",
+    help="Compress a model into a variant: quantize, prune, distill, decoder, cache.",
     no_args_is_help=True,
 )
 
@@ -202,6 +202,57 @@ def distill_command(
                f"guidance {inf['guidance']:g} by default")
 
 
+@compress_app.command("decoder", short_help="Distil a tiny VAE decoder (TAESD-style), resumable.")
+def decoder_command(
+    output: OutputOpt,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="builtin:NAME, a diffusers dir or a cached hub id.")
+    ] = "builtin:tiny-shapes",
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default 1000).")] = None,
+    channels: Annotated[
+        Optional[int], typer.Option(help="Width of every decoder level (default 32).")
+    ] = None,
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="configs/decoder/vae-decoder.yaml.")
+    ] = None,
+    set_: _set_option("generated=512") = None,
+    work_dir: WorkDirOpt = None,
+    keep_work: KeepWorkOpt = False,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Replace the model's VAE by a tiny decoder (diffusers AutoencoderTiny) trained to reproduce
+    the full decoder's images, from latents of encoded shapes images and of the model's own sampler.
+
+    The variant loads with plain diffusers and `sdwb generate` / `sdwb bench` / `sdwb export onnx`;
+    sdwb.json holds PSNR/SSIM against the full decoder on held-out latents and both decoders'
+    time per image. Its VAE cannot encode (the encoder is not trained). Resumable: re-run the same
+    command after an interruption.
+    """
+    from compress.tiny_decoder import distill_decoder, load_decoder_config
+
+    cfg = load_decoder_config(config, set_, steps=steps, channels=channels)
+    _check_output(output, overwrite)
+    _quiet_libraries("decoder")
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    result = distill_decoder(model, cfg, output, work_dir=work_dir, overwrite=overwrite, keep_work=keep_work,
+                             progress=progress,
+                             say=lambda m: console.print(f"[dim]{m}[/]") if progress else None)
+    m = result.metrics
+    fid = ", ".join(f"{kind} {v['psnr']:.1f} dB / SSIM {v['ssim']:.3f}" for kind, v in m["fidelity"].items())
+    times = m["decode_ms_per_image"]
+    timing = "" if not times else (
+        f"; decode {times['full']['batch_1']:.2f} -> {times['tiny']['batch_1']:.2f} ms per image at batch 1, "
+        f"{times['full']['batch_8']:.2f} -> {times['tiny']['batch_8']:.2f} at batch 8")
+    params = m["decoder_params"]
+    typer.echo(f"wrote {output} (tiny decoder {params['tiny'] / 1e3:.0f} k params vs "
+               f"{params['full'] / 1e3:.0f} k; "
+               f"vs the full decoder on held-out latents: {fid}{timing}) and {output}/sdwb.json; "
+               "its VAE cannot encode (no img2img, no vae_encoder export)")
+
+
 def _names(text: Optional[str]) -> Optional[list[str]]:
     return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
 
@@ -267,3 +318,41 @@ def prune_command(
     typer.echo(f"wrote {output} ({cfg.method}: {what}; UNet {macs['before']:.4g} -> {macs['after']:.4g} "
                f"GMACs (-{macs['reduction']:.0%}), {params['before']:.3g} -> {params['after']:.3g} M params"
                f"{recovered}) and {output}/sdwb.json")
+
+
+@compress_app.command("cache", short_help="Training-free acceleration: DeepCache or ToMe, applied on load.")
+def cache_command(
+    output: OutputOpt,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="builtin:NAME, a diffusers dir / torch variant, a hub id.")
+    ] = "builtin:tiny-shapes",
+    method: Annotated[
+        Optional[str], typer.Option(help="deepcache (reuse the deep UNet features) | tomesd (token merging).")
+    ] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="configs/cache/*.yaml.")] = None,
+    set_: _set_option("interval=3") = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Make a variant that runs a training-free acceleration: the source's weights + sdwb.json
+    recording the method, re-applied whenever the variant loads (`sdwb generate --model DIR`,
+    `sdwb bench`, recipes). Torch backend only.
+
+    deepcache: the full UNet every `interval`-th step, the deep features reused in between
+    (`branch`: which skip branch is recomputed, 0 the shallowest). tomesd: `ratio` of the image
+    tokens merged before self-attention in blocks at most `max_downsample` below the latent
+    resolution (`sx`, `sy`, `use_rand` + `seed`).
+    """
+    from compress.cache import make_cache_variant
+    from sdwb.cache.config import load_cache_config
+
+    if method is None and config is None:
+        raise SdwbError("give --method deepcache|tomesd or --config FILE (configs/cache/*.yaml)")
+    cfg = load_cache_config(config, set_, method=method)
+    _check_output(output, overwrite)
+    _quiet_libraries("cache")
+    from sdwb.progress import status
+
+    with status(f"caching {model} ({cfg.method})") as update:
+        variant = make_cache_variant(model, cfg, output, overwrite=overwrite, say=update)
+    knobs = ", ".join(f"{k} {v}" for k, v in variant.record["config"].items() if k != "method")
+    typer.echo(f"wrote {output} ({cfg.method}: {knobs}) and {output}/sdwb.json; applied whenever it loads")
