@@ -2,8 +2,9 @@
 #   make demo   create the environment, then run the main job on the builtin model: the demo
 #               recipe (prune -> export -> int8 -> bench -> report) via `sdwb run`
 #   make test   create the environment, then run the test suite
-#   make gate   the CI performance gate: quality and memory against reports/baselines/, latency
-#               against the code of GATE_BASE (.ci/gate-base) timed now, beside the working tree
+#   make gate   the CI performance gate: quality against reports/baselines/ (memory too when that file
+#               is from the same CPU), latency and memory against the code of GATE_BASE
+#               (.ci/gate-base) measured now, beside the working tree
 # The environment is .venv/; a stamp file makes re-runs skip the install until pyproject.toml
 # changes. On machines without nvidia-smi the CPU build of torch is installed first, so pip
 # does not pull a multi-GB CUDA build; override with TORCH_CPU="torch==X --index-url URL".

@@ -87,6 +87,7 @@ class Side:
     root: Path
     rounds: list[dict[str, list[float]]] = field(default_factory=list)
     environment: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)  # peak_rss_mb (cuda_peak_mb): one fresh-process probe
 
     def per_round(self, key: str) -> list[list[float]]:
         return [r.get(key, []) for r in self.rounds]
@@ -128,12 +129,12 @@ def checkout_revision(commit: str, dest: Path, repo: Path = REPO_ROOT) -> Path:
     return dest
 
 
-def bench_argv(measure, model: str, out: Path, slowdown: float = 0.0) -> list[str]:
-    """The ``sdwb bench`` quick-form arguments of one latency subprocess (flags every revision
-    since the gate existed understands)."""
+def bench_argv(measure, model: str, out: Path, slowdown: float = 0.0, metrics: str = "latency") -> list[str]:
+    """The ``sdwb bench`` quick-form arguments of one latency (or memory) subprocess (flags every
+    revision since the gate existed understands)."""
     argv = ["bench", "--model", model, "--backend", measure.backend, "--batch", str(measure.batch),
             "--prompts", str(measure.n_prompts), "--repeats", str(measure.repeats),
-            "--warmup", str(measure.warmup), "--metrics", "latency", "--no-progress", "-o", str(out)]
+            "--warmup", str(measure.warmup), "--metrics", metrics, "--no-progress", "-o", str(out)]
     for flag, value in (("--steps", measure.steps), ("--guidance", measure.guidance),
                         ("--scheduler", measure.scheduler), ("--threads", measure.threads)):
         if value is not None:
@@ -246,9 +247,33 @@ def measure_revisions(base_rev: str, measure, model: str, out: Path, *, inject_s
             finally:
                 for w in workers.values():
                     w.close()
+        for side in (base, head):  # memory: one fresh-process probe per side, in this same run
+            worker = _Worker(side, out / f"{side.label}.log")
+            try:
+                dest = (out / f"memory-{side.label}").resolve()
+                shutil.rmtree(dest, ignore_errors=True)
+                code = worker.run(bench_argv(measure, model, dest, metrics="memory"), timeout)
+                if code != 0:
+                    raise worker._failure(f"memory probe exit {code}")
+                side.memory = _memory(side, dest)
+            finally:
+                worker.close()
         return base, head
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _memory(side: Side, out: Path) -> dict:
+    """``{"peak_rss_mb": ..., ("cuda_peak_mb": ...)}`` of a side's memory-only bench run."""
+    try:
+        row = json.loads((out / "results.json").read_text())["rows"][0]
+        memory = {k: float(row[k]) for k in ("peak_rss_mb", "cuda_peak_mb") if row.get(k) is not None}
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        memory = {}
+    if "peak_rss_mb" not in memory:
+        raise SdwbError(f"--ab-rev: the {side.label} side ({side.revision}) measured no peak RSS in "
+                        f"{out / 'results.json'}")
+    return memory
 
 
 def _median(values) -> float:
@@ -262,6 +287,6 @@ def write_sides(path: Path, base: Side, head: Side, extra: dict) -> Path:
     from sdwb.runs import atomic_write_text
 
     def side(s: Side) -> dict:
-        return {"revision": s.revision, "environment": s.environment, "rounds": s.rounds}
+        return {"revision": s.revision, "environment": s.environment, "rounds": s.rounds, "memory": s.memory}
 
     return atomic_write_text(path, json.dumps({**extra, "base": side(base), "head": side(head)}, indent=1))

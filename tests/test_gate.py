@@ -232,6 +232,14 @@ def test_files_timed_on_another_cpu_are_not_compared_for_latency(tmp_path, capsy
     unknown = write_results(tmp_path / "u", [row()], {"v": {"e2e_s": timings(10, 2.0, seed=2)}}, {})
     code, out = sdwb_exit(["gate", "--baseline", str(base), "--candidate", str(unknown)], capsys)
     assert code == 0 and "not comparable (the candidate does not record its CPU" in out
+    # peak RSS depends on the CPU's kernels too: +20 % on another CPU is not compared, on the same CPU it is
+    samples = {"v": {"e2e_s": timings(10, seed=3)}}
+    heavier = write_results(tmp_path / "m", [row(peak_rss_mb=480.0)], samples, ZEN3)
+    code, out = sdwb_exit(["gate", "--baseline", str(base), "--candidate", str(heavier)], capsys)
+    assert code == 0 and "peak RSS (MB): not comparable (CPU differs" in out, out
+    same_cpu = write_results(tmp_path / "s", [row(peak_rss_mb=480.0)], samples, ZEN4)
+    code, out = sdwb_exit(["gate", "--baseline", str(base), "--candidate", str(same_cpu)], capsys)
+    assert code == 1 and "peak RSS (MB) +20.0 % (regression)" in out, out
 
 
 def test_ci_reports_but_never_judges_file_latency(tmp_path, capsys):
@@ -311,9 +319,12 @@ def test_ab_rev_times_a_revision_beside_the_working_tree(tiny_pipeline_dir, tmp_
     sides = json.loads((tmp_path / "aa/ab-rev/sides.json").read_text())
     for side in ("base", "head"):
         assert len(sides[side]["rounds"]) == 2 and all(len(r["e2e_s"]) == 2 for r in sides[side]["rounds"])
+        assert sides[side]["memory"]["peak_rss_mb"] > 50  # one fresh-process probe per side, this run
         assert sides[side]["environment"]["torch_threads"] == 1 and sides[side]["environment"]["cpu_flags"]
     md = (tmp_path / "aa/gate.md").read_text()
     assert f"- base: git HEAD = {head[:12]}, CPU " in md and "- head: git " in md
+    memory = {c["metric"]: c for c in gate["checks"]}["peak RSS (MB)"]
+    assert memory["status"] == "pass" and memory["baseline"] == sides["base"]["memory"]["peak_rss_mb"]
 
     code, out = sdwb_exit(["gate", "--ab-rev", "HEAD", "-o", str(tmp_path / "slow"), "--inject-slowdown", "3",
                            "--set", "thresholds.unet_latency_pct=50", *common], capsys)

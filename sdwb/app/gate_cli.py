@@ -140,7 +140,8 @@ def _gate(
             mismatch = gate.cpu_mismatch(*files)
             checks += gate.file_latency_checks(base_samples, cand_samples, cfg, mismatch,
                                                prefix=" vs file" if ab_rev is not None else "")
-            checks += gate.row_checks(base_row, cand_row, cfg)
+            checks += gate.row_checks(base_row, cand_row, cfg, memory_mismatch=mismatch,
+                                      memory_suffix=" vs file" if ab_rev is not None else "")
     outcome = gate.verdict(checks)
     t = cfg.thresholds
     file_limit = f"+{t.file_latency_pct} %" if t.file_latency_pct is not None else "reported, not judged"
@@ -212,5 +213,10 @@ def _ab_rev(gate, cfg, rev, out, inject_slowdown, progress, context, record) -> 
         context.append(f"self-test: the head side's UNet calls were made {inject_slowdown:.0%} slower")
     record["ab_rev"] = {"base": base.revision, "head": head.revision, "sides": str(sides)}
     keys = ("e2e_s", "unet_ms")
+    rss = {s.label: s.memory.get("peak_rss_mb") for s in (base, head)}
+    context.append("memory measured now: one fresh-process `sdwb bench --metrics memory` per side, peak RSS "
+                   f"base {rss['base']:.0f} MB, head {rss['head']:.0f} MB")
+    # one machine: the sides' memory is comparable (a changed thread default is part of the change)
     return gate.rounds_latency_checks({k: base.per_round(k) for k in keys},
-                                      {k: head.per_round(k) for k in keys}, cfg)
+                                      {k: head.per_round(k) for k in keys}, cfg) + gate.memory_checks(
+        base.memory, head.memory, cfg)
