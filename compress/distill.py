@@ -362,12 +362,9 @@ def distill(
     ``work_dir`` (default ``OUT.work``; required without ``out``) holds the resumable state.
     """
     say = say or (lambda _msg: None)
-    if out is None and work_dir is None:
-        raise SdwbError("distill: give an output directory or a work directory")
-    out = Path(out) if out is not None else None
-    if out is not None and out.exists() and not overwrite:
-        raise SdwbError(f"{out}: already exists (refusing to overwrite a finished variant; --overwrite)")
-    work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
+    from compress.variant_io import output_and_work
+
+    out, work = output_and_work(out, work_dir, overwrite, "distill")
     say("loading the teacher")
     pipe, parent, fingerprint = _load_source(source)
     absorbed = _absorbed_guidance(config, parent)

@@ -385,19 +385,15 @@ def distill_decoder(
     from sdwb.runs import prepare_work_dir
 
     say = say or (lambda _msg: None)
-    if out is None and work_dir is None:
-        raise SdwbError("decoder: give an output directory or a work directory")
-    out = Path(out) if out is not None else None
-    if out is not None and out.exists() and not overwrite:
-        raise SdwbError(f"{out}: already exists (refusing to overwrite a finished variant; --overwrite)")
-    work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
+    from compress.variant_io import output_and_work
+
+    out, work = output_and_work(out, work_dir, overwrite, "decoder")
     say("loading the model")
     pipe, parent, fingerprint = _load_source(source)
+    torch.manual_seed(config.seed)  # seeded initialisation (a resumed run loads its checkpoint)
     tiny = build_tiny_vae(pipe.vae, config)  # refuses a blocks list of the wrong length before work
     prepare_work_dir(work, {"config": resolved(config), "source": fingerprint}, "decoder distillation")
     started = time.perf_counter()
-    torch.manual_seed(config.seed)
-    tiny = build_tiny_vae(pipe.vae, config)  # seeded initialisation (a resumed run loads its checkpoint)
     pairs = build_pairs(pipe, config, work, progress, say)
     training = train(tiny, pairs, config, work, progress)
     say("measuring fidelity and decode time")

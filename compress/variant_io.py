@@ -89,6 +89,18 @@ def load_source(source, *, refuse: dict[str, str], export_error: str | None) -> 
     return Source(load_pipeline(spec, device="cpu", dtype=torch.float32), None, parent, path)
 
 
+def output_and_work(out, work_dir, overwrite: bool, verb: str) -> tuple[Path | None, Path]:
+    """``(variant directory or None, resumable work directory)`` of a training verb: ``out`` is
+    refused when it exists (unless ``overwrite``), the work directory defaults to ``OUT.work``, and
+    one of the two is required."""
+    if out is None and work_dir is None:
+        raise SdwbError(f"{verb}: give an output directory or a work directory")
+    out = Path(out) if out is not None else None
+    if out is not None and out.exists() and not overwrite:
+        raise SdwbError(f"{out}: already exists (refusing to overwrite a finished variant; --overwrite)")
+    return out, Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
+
+
 def dir_mb(path: Path) -> float:
     """MB of the weight files under ``path``, rounded as records keep it."""
     return round(weights_mb(path), 3)

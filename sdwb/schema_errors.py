@@ -94,3 +94,23 @@ def format_errors(
         parts.append(f"{key}: {what}" if key else what)
     more = len(errors) - limit
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def parse_by_method(data: Any, methods: dict[str, type[BaseModel]], source: str, what: str) -> BaseModel:
+    """Validate ``data`` (a mapping that must hold ``method``) as the config class ``methods``
+    registers for that method, with one-line errors: the shared front door of every registry of
+    method configs (quantization, cache). ``what`` names the keys in the not-a-mapping error."""
+    from sdwb.errors import SdwbError
+
+    if not isinstance(data, dict):
+        raise SdwbError(f"{source}: expected a mapping of {what} keys, got {type(data).__name__}")
+    method = data.get("method")
+    if method is None:
+        raise SdwbError(f"{source}: method: required key is missing (expected one of {', '.join(methods)})")
+    cls = methods.get(method) if isinstance(method, str) else None
+    if cls is None:
+        raise SdwbError(f"{source}: method: unknown method {method!r} (expected one of {', '.join(methods)})")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise SdwbError(f"{source}: " + format_errors(e, allowed=fields_of(cls))) from None

@@ -62,6 +62,16 @@ def _check_output(output: Path, overwrite: bool) -> None:
     check_writable_dir(output, f"--output {output}")
 
 
+def _say(progress: bool):
+    """A verb's status lines (dim, on stderr) when progress is on, else None."""
+    if not progress:
+        return None
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return lambda m: console.print(f"[dim]{m}[/]")
+
+
 def _quiet_libraries(method: str) -> None:
     """No tqdm bars from diffusers/transformers saving and loading; optional libraries imported quietly."""
     from diffusers.utils import logging as diffusers_logging
@@ -184,15 +194,10 @@ def distill_command(
     flags = {"method": method, "teacher_steps": teacher_steps, "student_steps": student_steps,
              "guidance_distill": guidance_distill, "guidance": guidance, "budget": budget, "batch": batch}
     cfg = load_distill_config(config, set_, **flags)
-    if output.exists() and not overwrite:
-        raise SdwbError(f"{output}: already exists (refusing to overwrite a finished variant; --overwrite)")
     _check_output(output, overwrite)
     _quiet_libraries(cfg.method)
-    from rich.console import Console
-
-    console = Console(stderr=True)
     result = distill(model, cfg, output, work_dir=work_dir, overwrite=overwrite, keep_work=keep_work,
-                     progress=progress, say=lambda m: console.print(f"[dim]{m}[/]") if progress else None)
+                     progress=progress, say=_say(progress))
     inf = result.record["inference"]
     losses = ", ".join(f"{r['teacher_steps']}->{r['student_steps']}: loss {r['loss_first']:.4g}->"
                        f"{r['loss_last']:.4g}" for r in result.rounds if r.get("loss_last") is not None)
@@ -234,12 +239,8 @@ def decoder_command(
     cfg = load_decoder_config(config, set_, steps=steps, channels=channels)
     _check_output(output, overwrite)
     _quiet_libraries("decoder")
-    from rich.console import Console
-
-    console = Console(stderr=True)
     result = distill_decoder(model, cfg, output, work_dir=work_dir, overwrite=overwrite, keep_work=keep_work,
-                             progress=progress,
-                             say=lambda m: console.print(f"[dim]{m}[/]") if progress else None)
+                             progress=progress, say=_say(progress))
     m = result.metrics
     fid = ", ".join(f"{kind} {v['psnr']:.1f} dB / SSIM {v['ssim']:.3f}" for kind, v in m["fidelity"].items())
     times = m["decode_ms_per_image"]
@@ -298,15 +299,10 @@ def prune_command(
     flags = {"method": method, "ratio": ratio, "importance": importance, "finetune.steps": finetune_steps,
              "ignored_layers": _names(ignored_layers), "blocks": _names(blocks)}
     cfg = load_prune_config(config, set_, **flags)
-    if output.exists() and not overwrite:
-        raise SdwbError(f"{output}: already exists (refusing to overwrite a finished variant; --overwrite)")
     _check_output(output, overwrite)
     _quiet_libraries("prune")
-    from rich.console import Console
-
-    console = Console(stderr=True)
     result = prune(model, cfg, output, work_dir=work_dir, keep_work=keep_work, overwrite=overwrite,
-                   progress=progress, say=lambda m: console.print(f"[dim]{m}[/]") if progress else None)
+                   progress=progress, say=_say(progress))
     m = result.metrics
     macs, params = m["unet_gmacs"], m["unet_params_m"]
     what = f"ratio {cfg.ratio:g}, {cfg.importance}" if cfg.method == "channels" else \

@@ -14,12 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Union
 
-from pydantic import ValidationError
-
 from sdwb.cache import deepcache, tome  # noqa: F401  (register the methods)
 from sdwb.cache.registry import APPLIERS, ATTRIBUTE, METHODS
 from sdwb.errors import SdwbError
-from sdwb.schema_errors import fields_of, format_errors
+from sdwb.schema_errors import parse_by_method
 
 CacheConfig = Union[tuple(METHODS.values())]  # type: ignore[valid-type]  # every registered config
 STAGE = "cache"
@@ -32,18 +30,7 @@ def methods_help() -> str:
 
 def parse_cache_config(data: dict, source: str = "cache config") -> CacheConfig:
     """Validate ``data`` (must hold ``method``) as that method's config; one-line errors."""
-    if not isinstance(data, dict):
-        raise SdwbError(f"{source}: expected a mapping of cache keys, got {type(data).__name__}")
-    method = data.get("method")
-    if method is None:
-        raise SdwbError(f"{source}: method: required key is missing (expected one of {', '.join(METHODS)})")
-    cls = METHODS.get(method) if isinstance(method, str) else None
-    if cls is None:
-        raise SdwbError(f"{source}: method: unknown method {method!r} (expected one of {', '.join(METHODS)})")
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        raise SdwbError(f"{source}: " + format_errors(e, allowed=fields_of(cls))) from None
+    return parse_by_method(data, METHODS, source, "cache")
 
 
 def load_cache_config(path: str | Path | None = None, overrides: list[str] | None = None,

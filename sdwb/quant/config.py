@@ -20,9 +20,6 @@ import pkgutil
 from pathlib import Path
 from typing import Any, Union
 
-from pydantic import ValidationError
-
-from sdwb.errors import SdwbError
 from sdwb.quant import methods as _methods
 from sdwb.quant import (
     ort_methods,  # noqa: F401  (registers the ONNX Runtime methods)
@@ -37,7 +34,7 @@ from sdwb.quant.registry import (  # noqa: F401  (the public names of the quanti
     Component,
     GuardConfig,
 )
-from sdwb.schema_errors import fields_of, format_errors
+from sdwb.schema_errors import parse_by_method
 
 for _module in pkgutil.iter_modules(_methods.__path__):  # one module per torch method
     importlib.import_module(f"{_methods.__name__}.{_module.name}")
@@ -57,18 +54,7 @@ def backend_of(config: QuantConfig) -> str:
 
 def parse_quant_config(data: dict, source: str = "quantize config") -> QuantConfig:
     """Validate ``data`` (must hold ``method``) as that method's config; one-line errors."""
-    if not isinstance(data, dict):
-        raise SdwbError(f"{source}: expected a mapping of quantization keys, got {type(data).__name__}")
-    method = data.get("method")
-    if method is None:
-        raise SdwbError(f"{source}: method: required key is missing (expected one of {', '.join(METHODS)})")
-    cls = METHODS.get(method) if isinstance(method, str) else None
-    if cls is None:
-        raise SdwbError(f"{source}: method: unknown method {method!r} (expected one of {', '.join(METHODS)})")
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        raise SdwbError(f"{source}: " + format_errors(e, allowed=fields_of(cls))) from None
+    return parse_by_method(data, METHODS, source, "quantization")
 
 
 def load_quant_config(
