@@ -1,8 +1,16 @@
-"""Shared pytest set-up: tests marked ``gpu`` are skipped when no CUDA device is available."""
+"""Shared pytest set-up: tests marked ``gpu`` are skipped when no CUDA device is available;
+``cli_env`` (every test) keeps what an in-process ``cli.main`` sets from leaking into other tests."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
+
+# what sdwb.app.cli.main sets with os.environ.setdefault (offline, quiet libraries)
+CLI_ENV_DEFAULTS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
+                    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,3 +34,20 @@ def tiny_pipeline_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-pipeline")
     build_tiny_pipeline(seed=0).save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def cli_env(monkeypatch):
+    """``cli.main`` sets library environment defaults and the default thread count
+    (``OMP_NUM_THREADS``, torch's threads when torch is loaded); all of it is undone after the test."""
+    for key, value in CLI_ENV_DEFAULTS.items():
+        monkeypatch.setenv(key, os.environ.get(key, value))
+    if "OMP_NUM_THREADS" in os.environ:
+        monkeypatch.setenv("OMP_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+    else:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    if before is not None:
+        torch.set_num_threads(before)

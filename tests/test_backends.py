@@ -10,7 +10,6 @@ once into ``OUT/exports/<variant>/`` and reused), and wrong backend/model combin
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -22,14 +21,6 @@ from sdwb.errors import SdwbError
 
 PROMPTS = ["a small red circle at the top on a gray background",
            "a large blue square on the left on a white background"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_env(monkeypatch):
-    """``cli.main`` sets library environment defaults; keep them from leaking into other tests."""
-    for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-                       "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}.items():
-        monkeypatch.setenv(key, os.environ.get(key, value))
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,6 @@ BUILTINS = ("builtin:tiny-shapes", "builtin:shapes-judge", "builtin:sd15-arch", 
             "builtin:sdxl-arch")
 
 
-@pytest.fixture(autouse=True)
-def _restore_env(monkeypatch):
-    """``cli.main`` sets library environment defaults; keep them from leaking into other tests."""
-    defaults = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
-                "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
-    for key, value in defaults.items():
-        monkeypatch.setenv(key, os.environ.get(key, value))
-
-
 def sdwb(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m sdwb ARGS`` in a fresh process (as a user would)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})}

@@ -9,8 +9,6 @@ the optional ``openvino`` package is absent. Speed is never asserted: reports/en
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,11 +23,8 @@ PROMPTS = ["a small red circle at the top on a gray background",
 
 
 @pytest.fixture(autouse=True)
-def _restore_env(monkeypatch, tmp_path_factory):
-    """Library environment defaults set by ``cli.main`` stay in this test; compiled-model cache in tmp."""
-    for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-                       "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}.items():
-        monkeypatch.setenv(key, os.environ.get(key, value))
+def _ov_cache_in_tmp(monkeypatch, tmp_path_factory):
+    """OpenVINO's compiled-model cache in tmp (conftest's ``cli_env`` undoes what ``cli.main`` sets)."""
     monkeypatch.setenv("SDWB_OPENVINO_CACHE", str(tmp_path_factory.getbasetemp() / "ov-cache"))
 
 

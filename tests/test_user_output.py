@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import numpy as np
 import pytest
-
-
-@pytest.fixture(autouse=True)
-def _restore_env(monkeypatch):
-    """``cli.main`` sets library environment defaults; keep them from leaking into other tests."""
-    defaults = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
-                "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
-    for key, value in defaults.items():
-        monkeypatch.setenv(key, os.environ.get(key, value))
 
 
 def _main(args: list[str]) -> int:
