@@ -51,3 +51,19 @@ def cli_env(monkeypatch):
     yield
     if before is not None:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fixed_threads(monkeypatch):
+    """A fixed thread count for a test that compares two training runs bit for bit: an automatic
+    count follows the machine's load between training steps (``sdwb.threads.adapt``), and a float sum
+    over 1 or 2 threads rounds differently, so such runs differ whenever a neighbour comes or goes
+    (CI saw ``threads: 2 -> 1`` in the middle of the distillation resume test)."""
+    import torch
+
+    from sdwb import threads
+
+    count = torch.get_num_threads()
+    fixed = threads.ThreadChoice(count, threads.THREADS_ENV, count, None, None, "fixed for a bit-identity")
+    monkeypatch.setattr(threads, "_CHOICE", fixed)
+    return count

@@ -129,7 +129,7 @@ def test_round_loss_goes_down_on_a_fixed_batch(tiny):
 
 @pytest.mark.parametrize("method", ["progressive", "lcm"])
 def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_pipeline_dir, tmp_path, monkeypatch,
-                                                               method):
+                                                               method, fixed_threads):
     """lcm: the target network is checkpointed too, so the resumed run is bit-identical as well."""
     from compress import distill as distill_mod
 
