@@ -36,6 +36,17 @@ def tiny_pipeline_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_onnx_dir(tiny_pipeline_dir, tmp_path_factory):
+    """``sdwb export onnx`` of :func:`tiny_pipeline_dir` (all components), made once per session:
+    read-only for the tests that take it (a test that modifies an export copies it first)."""
+    from export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("tiny-onnx") / "export"
+    export_onnx(str(tiny_pipeline_dir), out)
+    return out
+
+
 @pytest.fixture(autouse=True)
 def cli_env(monkeypatch):
     """``cli.main`` sets library environment defaults and the default thread count

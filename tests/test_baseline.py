@@ -141,6 +141,7 @@ def test_truncated_unet_weights_are_refused_with_a_one_line_error(tmp_path):
     assert "\n" not in message and "unet" in message
 
 
+@pytest.mark.slow
 def test_baseline_train_fast_runs_end_to_end_and_writes_a_loadable_pipeline(tmp_path):
     from typer.testing import CliRunner
 

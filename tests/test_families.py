@@ -130,6 +130,7 @@ def test_sdxl_export_runs_on_onnx_runtime_with_the_torch_images(sdxl_dir, tmp_pa
             assert mse == 0 or 10 * np.log10(255.0**2 / mse) >= 40.0, (scheduler, mse)
 
 
+@pytest.mark.slow
 def test_sdxl_ort_int8_static_variant_calibrates_with_added_conditions(sdxl_dir, tmp_path):
     from compress.quantize import quantize
     from export.onnx import export_onnx
@@ -256,6 +257,7 @@ def test_family_table_and_detection():
         require_family("builtin:sdxl-arch", "export tensorrt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_sd1_and_sd2_pipelines_end_to_end(family, tmp_path, capsys):
     """SD 1.x / 2.x in miniature with their own switches (SD 2.x: per-block heads, linear

@@ -29,12 +29,9 @@ def _ov_cache_in_tmp(monkeypatch, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(tiny_pipeline_dir, tmp_path_factory):
-    from export.onnx import export_onnx
-
-    out = tmp_path_factory.mktemp("ov") / "tiny-onnx"
-    export_onnx(str(tiny_pipeline_dir), out)
-    return out
+def onnx_dir(tiny_onnx_dir):
+    """The session's export of the tiny pipeline directory (read-only)."""
+    return tiny_onnx_dir
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +151,7 @@ def test_generate_cli_with_backend_openvino_and_bad_combinations(ir_dir, tiny_pi
     assert code == 2 and "an OpenVINO IR export" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_nncf_int8_variants_are_guarded_reload_and_generate(ir_dir, tmp_path):
     """ov-int8-weights (no calibration) and ov-int8-static (calibrated on trajectories)."""
     from compress.quantize import quantize
@@ -176,6 +174,7 @@ def test_nncf_int8_variants_are_guarded_reload_and_generate(ir_dir, tmp_path):
     assert manifest["quantization"]["config"]["calibration"]["prompts"] == 2
 
 
+@pytest.mark.slow
 def test_bench_openvino_row_from_a_torch_spec(tiny_pipeline_dir, tmp_path, capsys):
     config = tmp_path / "ov.yaml"
     config.write_text(yaml.safe_dump({
@@ -201,6 +200,7 @@ def test_bench_openvino_row_from_a_torch_spec(tiny_pipeline_dir, tmp_path, capsy
     assert code == 2 and "dtype fp16 with backend openvino" in err
 
 
+@pytest.mark.slow
 def test_sdxl_exports_to_openvino_and_matches_torch(tmp_path):
     """SDXL: both text encoders (hidden states + pooled), the UNet's added conditions, on OpenVINO."""
     from export.openvino import export_openvino

@@ -430,7 +430,8 @@ def _quantized_matmuls(path: Path) -> int:
 
 @pytest.mark.parametrize(
     "exporter, fuser",
-    [("torchscript", "onnxruntime.transformers.optimizer"), ("dynamo", "onnxscript.optimize_for_ort")],
+    [("torchscript", "onnxruntime.transformers.optimizer"),
+     pytest.param("dynamo", "onnxscript.optimize_for_ort", marks=pytest.mark.slow)],
 )
 def test_attention_fusion_keeps_outputs_and_projections(exporter, fuser, tiny, tmp_path):
     """Fused graph: MultiHeadAttention only (no packed-weight Attention op the int8 pass can't reach),
@@ -457,6 +458,7 @@ def test_attention_fusion_keeps_outputs_and_projections(exporter, fuser, tiny, t
     assert _rel_error(src, dst, feeds) < 1e-4
 
 
+@pytest.mark.slow
 def test_ort_static_with_fused_attention_quantizes_every_projection(ort_static, tiny, tmp_path, calib_cfg):
     fused = quantize(tiny, cfg("ort-int8-static", calibration=calib_cfg, fuse_attention=True), tmp_path / "v",
                      exporter=export_onnx)
