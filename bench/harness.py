@@ -171,6 +171,10 @@ class _Run:
 
         self.config, self.scenarios, self.out, self.command = config, scenarios, out_dir, command
         self.env = environment()
+        from bench.distributed import world_size
+
+        if world_size() > 1:  # accelerate launch: images made by N processes, all else by this one
+            self.env["image_processes"] = world_size()
         self.rows: dict[str, dict[str, Any]] = {s.variant: _scenario_columns(s) for s in scenarios}
         self.images: dict[str, list] = {}
         self.prompts: list[str] = []  # of the images (the first imaged variant's; usually shared)
@@ -216,25 +220,36 @@ def _scenario_columns(s: Scenario) -> dict[str, Any]:
 
 
 def run_bench(config: BenchConfig, out_dir: str | Path, progress: bool = True,
-              command: str | None = None) -> pd.DataFrame:
-    """Run every scenario of ``config``; write results, images and the resolved config to ``out_dir``."""
+              command: str | None = None) -> pd.DataFrame | None:
+    """Run every scenario of ``config``; write results, images and the resolved config to ``out_dir``.
+
+    Under ``accelerate launch --num_processes N`` the quality images are shared out
+    (:mod:`bench.distributed`); the main process returns the results, the others None."""
+    from bench import distributed
     from sdwb.runs import write_resolved_config
 
     scenarios = preflight(config.scenarios())
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SdwbError(f"{out}: cannot create the output directory: {e.strerror or e}") from None
+    out, main = Path(out_dir), distributed.is_main()
+    if main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SdwbError(f"{out}: cannot create the output directory: {e.strerror or e}") from None
+        shutil.rmtree(out / PARTIAL_IMAGES, ignore_errors=True)  # left by an interrupted run
     prompts = {s.variant: load_prompts(s) for s in scenarios}
-    shutil.rmtree(out / PARTIAL_IMAGES, ignore_errors=True)  # left by an interrupted run
     run = _Run(config, scenarios, out, command)
     try:
-        with _bars(progress) as bars:
-            _prepare(run, bars)
+        with _bars(progress and main) as bars:
+            if main:
+                _prepare(run, bars)
+            distributed.wait()  # under accelerate launch the other processes reuse these exports
+            if not main:
+                _prepare(run, bars)
             pipes = _load(run, bars)
             _compile(run, pipes, prompts, bars)
             _images(run, pipes, prompts, bars)
+            if not main:  # its share of the images is with the main process, which does the rest
+                return None
             run.save(partial=True)
             _latency(run, pipes, prompts, bars)
             _runtime_compile_columns(run, pipes)
@@ -244,8 +259,9 @@ def run_bench(config: BenchConfig, out_dir: str | Path, progress: bool = True,
             run.save(partial=True)
             _quality(run, prompts, bars)
     except BaseException:
-        with contextlib.suppress(Exception):
-            run.save(partial=True)
+        if main:
+            with contextlib.suppress(Exception):
+                run.save(partial=True)
         raise
     _swap_images(run)
     write_resolved_config(out, {**resolved_dict(config), "scenarios": [s.model_dump() for s in scenarios]})
@@ -299,6 +315,7 @@ def _prepare(run: _Run, bars: _Bars) -> None:
 
 def _load(run: _Run, bars: _Bars) -> dict[str, Any]:
     """Load each distinct (backend, model, dtype, device, threads) once; fill the static columns."""
+    from bench.distributed import device_for
     from bench.memory import param_counts, size_on_disk_mb
     from sdwb.loading import load_pipeline, resolve_spec
 
@@ -313,7 +330,7 @@ def _load(run: _Run, bars: _Bars) -> dict[str, Any]:
         key = (s.model, s.dtype, s.device) + ((s.variant,) if s.compile else ())  # compiled: its own copy
         if key not in cache:
             try:
-                cache[key] = load_pipeline(s.model, device=s.device, dtype=torch_dtype(s.dtype))
+                cache[key] = load_pipeline(s.model, device=device_for(s.device), dtype=torch_dtype(s.dtype))
             except SdwbError as e:
                 raise SdwbError(f"variant {s.variant}: {e}") from None
             cache[key].set_progress_bar_config(disable=True)
@@ -429,19 +446,29 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def _images(run: _Run, pipes: dict, prompts: dict, bars: _Bars) -> None:
-    """Generate and save every prompt's image for the variants that measure quality."""
+    """Generate and save every prompt's image for the variants that measure quality.
+
+    Under ``accelerate launch`` each process generates its share of the ``batch``-sized prompt
+    chunks (an image is computed as in one process: same chunk, same seed) and the main process
+    gathers and saves them all (:mod:`bench.distributed`)."""
+    from bench import distributed
     from bench.latency import fixed_threads
     from sdwb.generate import generate
     from sdwb.runs import atomic_save_image
 
     todo = [s for s in run.scenarios if "quality" in s.metrics]
     advance = bars.task("images", sum(len(prompts[s.variant][0]) for s in todo))
+    processes = distributed.world_size()
     for s in todo:
         texts = prompts[s.variant][0]
-        run.rows[s.variant]["n_prompts"] = len(texts)
-        images, files = [], []
+        row = run.rows[s.variant]
+        row["n_prompts"] = len(texts)
+        if processes > 1:
+            row["image_processes"] = processes
+        starts = list(range(0, len(texts), s.batch))
+        mine: list[tuple[int, Any]] = []
         with fixed_threads(s.threads):
-            for start in range(0, len(texts), s.batch):
+            for start in (starts[i] for i in distributed.share(len(starts))):
                 chunk = texts[start : start + s.batch]
                 try:
                     out = generate(pipes[s.variant], chunk, steps=s.steps, guidance=s.guidance,
@@ -449,12 +476,18 @@ def _images(run: _Run, pipes: dict, prompts: dict, bars: _Bars) -> None:
                                    height=s.height, width=s.width, progress=False)
                 except SdwbError as e:
                     raise SdwbError(f"variant {s.variant}: {e}") from None
-                for j, image in enumerate(out):
-                    rel = f"{PARTIAL_IMAGES}/{s.variant}/{start + j:03d}.png"
-                    atomic_save_image(image, run.out / rel)
-                    files.append(rel)
-                images += out
+                mine += [(start + j, image) for j, image in enumerate(out)]
                 advance(len(chunk))
+        gathered = sorted(distributed.gather(mine), key=lambda pair: pair[0])
+        advance(len(gathered) - len(mine))
+        if not distributed.is_main():
+            continue
+        images = [image for _, image in gathered]
+        files = []
+        for i, image in enumerate(images):
+            rel = f"{PARTIAL_IMAGES}/{s.variant}/{i:03d}.png"
+            atomic_save_image(image, run.out / rel)
+            files.append(rel)
         run.images[s.variant], run.image_files[s.variant] = images, files
         if not run.prompts:
             run.prompts = list(texts)

@@ -226,11 +226,13 @@ class _Round:
         return self.conditioner(ids.to(self.accelerator.device))
 
     def batch(self, step: int):
-        """(x0, noise, j, cond, uncond) of ``step``: a function of (seed, round, step, rank) only."""
-        from sdwb.train.common import step_generator
+        """(x0, noise, j, cond, uncond) of ``step``: a function of (seed, round, step) only, drawn
+        whole (``batch`` rows) by every process; under ``accelerate launch`` each process takes its
+        share of the rows (:func:`sdwb.train.common.rank_rows`)."""
+        from sdwb.train.common import rank_rows, step_generator
 
         cfg, acc = self.config, self.accelerator
-        gen = step_generator(cfg.seed, step * acc.num_processes + acc.process_index, stream=1000 + self.index)
+        gen = step_generator(cfg.seed, step, stream=1000 + self.index)
         n = len(self.pool["mean"])
         idx = torch.randint(0, n, (cfg.batch,), generator=gen)
         mean, std = self.pool["mean"][idx], self.pool["std"][idx]
@@ -241,9 +243,11 @@ class _Round:
             ids[drop] = self.empty_ids
         j = torch.randint(0, METHODS[self.plan.method].points(self.plan), (cfg.batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        rows = rank_rows(cfg.batch, acc)
+        x0, ids, j, noise = x0[rows], ids[rows], j[rows], noise[rows]
         device = acc.device
         cond = self._embed(ids)
-        uncond = expand(self._embed(self.empty_ids[None]), cfg.batch) if self.plan.guidance > 1.0 else None
+        uncond = expand(self._embed(self.empty_ids[None]), len(ids)) if self.plan.guidance > 1.0 else None
         return x0.to(device), noise.to(device), j, cond, uncond
 
     def step(self, step: int, lr_factor: float) -> dict[str, float]:
@@ -257,10 +261,13 @@ class _Round:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.student, step)
+        from sdwb.train.common import mean_over_processes
+
+        acc = self.accelerator
         if self.target is not None:
             update_target(self.target, self.student, self.config.target_ema)
-            return {"loss": loss.item()}
-        return {"loss": loss.item(), "x0_mse": per_sample.mean().item()}
+            return {"loss": mean_over_processes(acc, loss)}
+        return {"loss": mean_over_processes(acc, loss), "x0_mse": mean_over_processes(acc, per_sample.mean())}
 
 
 def _train_round(rnd: _Round, directory: Path, log_path: Path, progress: bool) -> dict:
@@ -288,13 +295,21 @@ def _train_round(rnd: _Round, directory: Path, log_path: Path, progress: bool) -
     def save() -> None:
         state["elapsed_s"] = round(elapsed(), 3)
         ckpt.extra = dict(state)
-        if rnd.accelerator.is_main_process:
-            ckpt.save(step)
+        ckpt.save(step)  # written by the main process, the others wait for it
 
-    with _bar(progress, name, amount, step if kind == "steps" else state["elapsed_s"], unit) as update, \
-            open(log_path, "a") as log:
-        while (step < amount) if kind == "steps" else (elapsed() < amount or step == 0):
-            fraction = step / amount if kind == "steps" else elapsed() / amount
+    from sdwb.train.common import from_main_process
+
+    acc = rnd.accelerator
+
+    def agreed(value: float) -> float:  # a time budget: every process goes by the main one's clock
+        return from_main_process(acc, value)
+
+    main = acc.is_main_process
+    start = step if kind == "steps" else state["elapsed_s"]
+    with _bar(progress and main, name, amount, start, unit) as update, \
+            open(log_path if main else os.devnull, "a") as log:
+        while (step < amount) if kind == "steps" else (agreed(elapsed()) < amount or step == 0):
+            fraction = step / amount if kind == "steps" else agreed(elapsed()) / amount
             adapt_threads()  # load that arrived after the start: fewer threads, not a collapse
             metrics = rnd.step(step, _lr_factor(cfg, step, fraction))
             losses.append(metrics["loss"])
@@ -381,15 +396,23 @@ def distill(
         plans.append(RoundPlan(teacher_grid, student_grid, config.guidance if guided else 1.0,
                                sched_config["prediction_type"], config.weighting, config.precision,
                                config.method, scheduler, config.huber_c))
-    _prepare_work(work, config, fingerprint)
-
     from sdwb.train.common import make_accelerator
     from sdwb.train.unet import tokenize
 
     accelerator = make_accelerator()
     device = accelerator.device
-    say("encoding the latent pool")
-    pool = latent_pool(pipe, config.latent_pool, work / POOL_FILE, progress=progress)
+    main = accelerator.is_main_process
+    say = say if main else (lambda _msg: None)
+    from sdwb.train.common import rank_rows
+
+    rank_rows(config.batch, accelerator)  # a batch N processes cannot share: refused before any work
+    # under accelerate launch the main process checks the work directory and encodes the pool,
+    # then the others read them (nothing is written twice)
+    with accelerator.main_process_first():
+        if main:
+            _prepare_work(work, config, fingerprint)
+        say("encoding the latent pool")
+        pool = latent_pool(pipe, config.latent_pool, work / POOL_FILE, progress=progress and main)
     from sdwb.conditioning import TextConditioner
 
     conditioner = TextConditioner(pipe).to(device)  # the frozen text encoder(s)
@@ -418,9 +441,11 @@ def distill(
                 rnd.ema.copy_to(student)
             from sdwb.runs import atomic_write_json
 
-            atomic_write_json(directory / "round.json", metrics)
-            _save_state(student, done)
-            shutil.rmtree(directory / "checkpoint", ignore_errors=True)
+            if main:
+                atomic_write_json(directory / "round.json", metrics)
+                _save_state(student, done)
+                shutil.rmtree(directory / "checkpoint", ignore_errors=True)
+            accelerator.wait_for_everyone()
             accelerator.free_memory()
         rounds.append(metrics)
         current = student.eval().requires_grad_(False)
@@ -433,12 +458,13 @@ def distill(
     attach(pipe, inference)
     seconds = round(time.perf_counter() - started, 3)
     record = _record(config, parent, rounds, inference, seconds)
-    if out is not None:
+    if out is not None and main:
         from compress.variant_io import write_float_variant
 
         record = write_float_variant(pipe, out, record, overwrite, say)
         if not keep_work:
             shutil.rmtree(work, ignore_errors=True)
+    accelerator.wait_for_everyone()
     return Distilled(config, pipe, record, out, rounds)
 
 

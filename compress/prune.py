@@ -223,8 +223,14 @@ def prune(
     """Prune ``source`` per ``config``; save the variant to ``out`` when given (see module docstring)."""
     from compress.variant_io import write_float_variant
     from sdwb.macs import MACS_COUNTER, unet_example_inputs, unet_macs
+    from sdwb.train.common import is_main_process, main_process_first, wait_for_everyone
 
-    say = say or (lambda _msg: None)
+    main = is_main_process()  # under accelerate launch: the process that writes and reports
+    if config.finetune.steps > 0:  # a recovery batch N processes cannot share: refused before any work
+        from sdwb.train.common import process_state, rank_rows
+
+        rank_rows(config.finetune.batch, process_state())
+    say = (say or (lambda _msg: None)) if main else (lambda _msg: None)
     out = Path(out) if out is not None else None
     if out is not None and out.exists() and not overwrite:
         raise SdwbError(f"{out}: already exists (refusing to overwrite a finished variant; --overwrite)")
@@ -246,11 +252,13 @@ def prune(
         if work is None:
             scratch = tempfile.TemporaryDirectory(prefix="sdwb-prune-")
             work = Path(scratch.name)
-        _prepare_work(work, config, fingerprint)
         from compress.denoise_data import DenoisingData
 
-        say(f"encoding {config.data.latent_pool} shapes images (latent pool)")
-        data = DenoisingData(pipe, config.data, work / POOL_FILE, progress=progress)
+        with main_process_first():  # accelerate launch: the main process writes, the others read
+            if main:
+                _prepare_work(work, config, fingerprint)
+            say(f"encoding {config.data.latent_pool} shapes images (latent pool)")
+            data = DenoisingData(pipe, config.data, work / POOL_FILE, progress=progress and main)
     try:
         if work is not None and (work / PRUNED_DIR / "architecture.json").is_file():
             say(f"resuming from {work / PRUNED_DIR}")
@@ -258,7 +266,7 @@ def prune(
         else:
             student = copy.deepcopy(teacher)
             summary = _apply(student, config, pipe, data, say)
-            if work is not None and config.finetune.steps > 0:
+            if work is not None and config.finetune.steps > 0 and main:
                 _save_pruned(student, summary, work / PRUNED_DIR)
         prune_seconds = time.perf_counter() - started
         recovery = None
@@ -281,10 +289,11 @@ def prune(
         }
         pipe.unet = student
         record = _record(config, parent, student, metrics)
-        if out is not None:
+        if out is not None and main:
             write_float_variant(pipe, out, record, overwrite, say)
-        if work is not None and scratch is None and not keep_work:
+        if work is not None and scratch is None and not keep_work and main:
             shutil.rmtree(work, ignore_errors=True)
+        wait_for_everyone()
     finally:
         if scratch is not None:
             scratch.cleanup()

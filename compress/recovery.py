@@ -70,6 +70,11 @@ class Recovering(nn.Module):
         self.student = student
         self.projections = nn.ModuleDict({k.replace(".", "_"): v for k, v in projections.items()})
 
+    def forward(self, **inputs):
+        """The student's call (its features reach the taps); through accelerate's wrapper under
+        ``accelerate launch``, so the gradients of the whole module are averaged over processes."""
+        return self.student(**inputs)
+
     def project(self, name: str, feature: torch.Tensor) -> torch.Tensor:
         key = name.replace(".", "_")
         return self.projections[key](feature) if key in self.projections else feature
@@ -92,13 +97,18 @@ def _fit_projections(student_feats: dict, teacher_feats: dict) -> dict[str, nn.C
     return projections
 
 
-def feature_loss(recovering: Recovering, student_feats: dict, teacher_feats: dict) -> torch.Tensor:
-    """Mean over blocks of MSE(project(student), teacher) / mean(teacher^2)."""
+def feature_loss(recovering: Recovering, student_feats: dict, teacher_feats: dict,
+                 batch_mean=lambda value: value) -> torch.Tensor:
+    """Mean over blocks of MSE(project(student), teacher) / mean(teacher^2).
+
+    ``batch_mean`` turns a statistic of this process's rows into the global batch's (under
+    ``accelerate launch``: the mean over processes), so the normaliser, a statistic of the whole
+    batch, is the same in every process as in one process."""
     losses = []
     for name, t in teacher_feats.items():
         s = recovering.project(name, student_feats[name]).float()
         t = t.float()
-        losses.append(F.mse_loss(s, t) / (t.pow(2).mean() + 1e-6))
+        losses.append(F.mse_loss(s, t) / (batch_mean(t.pow(2).mean()) + 1e-6))
     return torch.stack(losses).mean()
 
 
@@ -118,7 +128,16 @@ def recover(student, teacher, data: DenoisingData, config, work: Path, progress:
 
     Checkpoints go to ``work/checkpoint`` and resume from there; returns the metrics for sdwb.json.
     """
-    from sdwb.train.common import Checkpointer, autocast, cosine_lr, make_accelerator, run_loop
+    from sdwb.train.common import (
+        Checkpointer,
+        autocast,
+        cosine_lr,
+        make_accelerator,
+        mean_over_processes,
+        rank_rows,
+        rows_of,
+        run_loop,
+    )
 
     accelerator = make_accelerator()
     device = accelerator.device
@@ -136,18 +155,25 @@ def recover(student, teacher, data: DenoisingData, config, work: Path, progress:
         recovering = Recovering(student, projections).to(device)
         recovering.train().requires_grad_(True)
         optimizer = torch.optim.AdamW(recovering.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        model, optimizer = accelerator.prepare(recovering, optimizer)
+        wrapped, optimizer = accelerator.prepare(recovering, optimizer)
+
+        def batch_mean(value: torch.Tensor) -> torch.Tensor:  # no gradient flows through it
+            if accelerator.num_processes == 1:
+                return value
+            return accelerator.reduce(value.detach().reshape(1), reduction="mean")[0]
 
         def step_fn(step: int) -> dict[str, float]:
             for g in optimizer.param_groups:
                 g["lr"] = config.lr * cosine_lr(step, config.steps, config.warmup)
-            batch = data.batch(step, config.batch, TRAIN_STREAM)
+            # the step's whole batch, of which this process trains its rows (all of it in one process)
+            rows = rank_rows(config.batch, accelerator)
+            batch = rows_of(data.batch(step, config.batch, TRAIN_STREAM), rows)
             inputs = unet_inputs(batch, device)
             with torch.no_grad(), autocast(device, config.precision):
                 target_out = teacher(**inputs).sample.float()
             with autocast(device, config.precision):
-                out = student(**inputs).sample.float()
-                feat = feature_loss(recovering, student_tap.features, teacher_tap.features) \
+                out = wrapped(**inputs).sample.float()
+                feat = feature_loss(recovering, student_tap.features, teacher_tap.features, batch_mean) \
                     if config.feature_weight > 0 else out.new_zeros(())
             output = F.mse_loss(out, target_out)
             task = F.mse_loss(out, batch["target"].to(device))
@@ -156,7 +182,7 @@ def recover(student, teacher, data: DenoisingData, config, work: Path, progress:
             accelerator.clip_grad_norm_(recovering.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return {k: float(v.detach()) for k, v in
+            return {k: mean_over_processes(accelerator, v) for k, v in
                     (("loss", loss), ("out", output), ("feat", feat), ("task", task))}
 
         started = time.perf_counter()
@@ -165,7 +191,6 @@ def recover(student, teacher, data: DenoisingData, config, work: Path, progress:
                             checkpointer=checkpointer, checkpoint_every=config.checkpoint_every,
                             log_path=work / "train_log.jsonl", progress=progress)
         seconds = time.perf_counter() - started
-        del model
     finally:
         teacher_tap.close()
         student_tap.close()

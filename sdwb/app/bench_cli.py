@@ -103,6 +103,8 @@ def bench_command(
     cfg = resolve_recipe_models(cfg)
     _quiet_library_progress()
     df = run_bench(cfg, out, progress=progress, command=python_command())
+    if df is None:  # a helper process of accelerate launch: the main process reports
+        return
     print_summary(df)
     typer.echo(f"wrote {Path(out) / 'results.csv'}, {Path(out) / 'results.json'} and images in {out}")
 

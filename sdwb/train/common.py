@@ -69,6 +69,68 @@ class EMA:
         module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})
 
 
+def rank_rows(global_batch: int, accelerator) -> slice:
+    """This process's rows of a global batch of ``global_batch`` under ``accelerate launch``.
+
+    Why: a step's batch is a function of (seed, step) drawn whole by every process, and each
+    process trains on its equal, contiguous share; accelerate averages the gradients, so N
+    processes take the same optimizer step as one process on the whole batch (to float rounding),
+    and checkpoints resume under any process count. One process: every row."""
+    from sdwb.errors import SdwbError
+
+    n, rank = accelerator.num_processes, accelerator.process_index
+    if global_batch % n:
+        raise SdwbError(f"batch {global_batch} does not split evenly over {n} processes (give a multiple)")
+    size = global_batch // n
+    return slice(rank * size, (rank + 1) * size)
+
+
+def mean_over_processes(accelerator, value: torch.Tensor) -> float:
+    """The mean of a per-process scalar over all processes (equal shares: the global batch's mean)."""
+    if accelerator.num_processes == 1:
+        return float(value.detach())
+    return float(accelerator.reduce(value.detach().reshape(1).float(), reduction="mean")[0])
+
+
+def from_main_process(accelerator, value: float) -> float:
+    """The main process's ``value`` on every process (a time budget's clock: every process must
+    decide alike whether to take another step, or the gradient all-reduce waits forever)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast
+
+    return float(broadcast(torch.tensor([value], dtype=torch.float64, device=accelerator.device))[0])
+
+
+def process_state():
+    """accelerate's process state, as :func:`make_accelerator` makes it (the first call fixes it for
+    the process): gloo between CPU processes when there is no GPU, else one GPU per process. Without
+    ``cpu=True`` accelerate sees a CPU-only ``accelerate launch`` as one process."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    """True in a single process and in the main process of ``accelerate launch`` (the one that writes)."""
+    return process_state().is_main_process
+
+
+def wait_for_everyone() -> None:
+    process_state().wait_for_everyone()
+
+
+def main_process_first():
+    """``with main_process_first():`` the main process runs the block first (it writes a shared work
+    directory or cache), then the others (which find it written); a no-op in one process."""
+    return process_state().main_process_first()
+
+
+def rows_of(batch: dict, rows: slice) -> dict:
+    """The rows ``rows`` of every tensor of a (nested) batch dict (SDXL's added conditions too)."""
+    return {k: rows_of(v, rows) if isinstance(v, dict) else v[rows] for k, v in batch.items()}
+
+
 @dataclass
 class Checkpointer:
     """Periodic, atomic, resumable checkpoints of named modules + optimizer in ``directory``."""
@@ -80,6 +142,13 @@ class Checkpointer:
     extra: dict = field(default_factory=dict)
 
     def save(self, step: int) -> None:
+        """Written by the main process only (every process holds the same weights); the others wait
+        until it is on disk, so a process killed after this point resumes from it under any count."""
+        if is_main_process():
+            self._write(step)
+        wait_for_everyone()
+
+    def _write(self, step: int) -> None:
         tmp = self.directory.with_name(self.directory.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -160,7 +229,9 @@ def run_loop(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with make_progress(*columns, disable=not progress) as bar, open(log_path, "a") as log:
+    main = is_main_process()  # under accelerate launch the main process logs and draws the bar
+    with make_progress(*columns, disable=not (progress and main)) as bar, \
+            open(log_path if main else os.devnull, "a") as log:
         task = bar.add_task(name, total=total_steps, completed=start, info="resumed" if start else "")
         for step in range(start, total_steps):
             adapt_threads()  # load that arrived after the start: fewer threads, not a collapse
