@@ -59,7 +59,7 @@ def scheduler_swapped(pipe, name: str):
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, total: int):
+def _progress(enabled: bool, total: int, label: str = "generating"):
     """A rich progress bar over denoising steps; yields an ``advance()`` callable."""
     if not enabled:
         yield lambda: None
@@ -68,9 +68,9 @@ def _progress(enabled: bool, total: int):
 
     from sdwb.progress import make_progress
 
-    columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with make_progress(*columns, transient=True) as bar:
-        task = bar.add_task("generate", total=total)
+        task = bar.add_task(label, total=total)
         yield lambda: bar.advance(task)
 
 

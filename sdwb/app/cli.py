@@ -54,6 +54,7 @@ else:
 
 from sdwb.app.bench_cli import bench_command  # noqa: E402  (imports only typer; heavy imports are lazy)
 from sdwb.app.compress_cli import compress_app  # noqa: E402
+from sdwb.app.edit_cli import edit_command  # noqa: E402
 from sdwb.app.export_cli import export_app  # noqa: E402
 from sdwb.app.gate_cli import gate_command  # noqa: E402
 from sdwb.app.report_cli import report_command  # noqa: E402
@@ -62,6 +63,7 @@ app.add_typer(compress_app, name="compress")
 app.add_typer(export_app, name="export",
               short_help="Export to ONNX or OpenVINO IR, or build TensorRT engines.")
 # short_help: the one line `sdwb --help` lists (click would cut the first sentence mid-way at 80 columns)
+app.command("edit", short_help="Edit an image under a prompt: img2img, inpainting with --mask.")(edit_command)
 app.command("bench", short_help="Benchmark variants side by side: latency, memory, quality.")(bench_command)
 app.command("report", short_help="Render bench results into report.md and report.html.")(report_command)
 app.command("gate", short_help="Decide whether a candidate regressed against a baseline.")(gate_command)

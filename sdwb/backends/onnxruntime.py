@@ -219,6 +219,35 @@ class ExportedPipeline:
         """diffusers' pipelines have it; this loop draws no bar of its own (the caller's bar advances
         through ``callback_on_step_end``)."""
 
+    def _edit_start(self, image: torch.Tensor, strength: float, noise: torch.Tensor, scheduler):
+        """img2img's start (diffusers' ``StableDiffusionImg2ImgPipeline`` semantics): the image's latents
+        and the timesteps left after ``strength`` skips the first ``steps * (1 - strength)``.
+
+        ``strength`` 1 starts from the noise alone, exactly as text-to-image does (diffusers' inpaint
+        pipeline does the same at full strength); 0 leaves no step, so the image comes back through
+        the VAE unchanged (its reconstruction)."""
+        if "vae_encoder" not in self.components:
+            raise SdwbError("editing needs the VAE encoder: export with --components "
+                            "text_encoder,unet,vae_decoder,vae_encoder (a tiny-decoder variant has none)")
+        init = self.run_component("vae_encoder", image=image.to(self.device, torch.float32)).float()
+        steps = len(scheduler.timesteps) // scheduler.order
+        kept = min(int(steps * strength), steps)
+        start = (steps - kept) * scheduler.order
+        timesteps = scheduler.timesteps[start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        if kept == steps:
+            return init, timesteps, noise * scheduler.init_noise_sigma
+        if not len(timesteps):
+            return init, timesteps, init
+        return init, timesteps, scheduler.add_noise(init, noise, timesteps[:1])
+
+    def _latent_mask(self, mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """A ``[B, 1, H, W]`` mask in [0, 1] (1 = repaint) binarised at 0.5 and brought to the latent
+        grid with nearest-neighbour sampling, as diffusers' inpaint pipeline does."""
+        binary = (mask.float() >= 0.5).float()
+        return torch.nn.functional.interpolate(binary, size=(h, w)).to(self.device)
+
     @torch.inference_mode()
     def __call__(
         self,
@@ -233,45 +262,73 @@ class ExportedPipeline:
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        image: torch.Tensor | None = None,
+        strength: float = 1.0,
+        mask_image: torch.Tensor | None = None,
     ):
         """diffusers' ``StableDiffusionPipeline.__call__`` contract: ``.images`` are PIL images
-        (``output_type="pil"``) or float32 ``[B, H, W, 3]`` in [0, 1] (``"np"``); the scheduler is
-        ``self.scheduler`` (swap it as on a diffusers pipeline); ``callback_on_step_end(pipe, i, t,
-        kwargs)`` is called after every step and returns ``kwargs``."""
+        (``output_type="pil"``) or float32 ``[B, H, W, 3]`` in [0, 1] (``"np"``), or the final latents
+        (``"latent"``); the scheduler is ``self.scheduler`` (swap it as on a diffusers pipeline);
+        ``callback_on_step_end(pipe, i, t, kwargs)`` is called after every step and returns ``kwargs``.
+
+        Editing, as diffusers' img2img / inpaint pipelines take it: ``image`` ``[B, 3, H, W]`` in
+        [-1, 1] starts the denoising part-way (``strength``, :meth:`_edit_start`); with ``mask_image``
+        ``[B, 1, H, W]`` (1 = repaint) the latents outside the mask are reset after every step to the
+        image's, noised to the next step's level (the last step: the image's own latents), which is
+        how diffusers inpaints with a 4-channel UNet."""
         from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
 
-        if output_type not in ("pil", "np"):
-            raise SdwbError(f"output_type {output_type!r}: an exported pipeline returns 'pil' or 'np' images")
+        if output_type not in ("pil", "np", "latent"):
+            raise SdwbError(f"output_type {output_type!r}: expected 'pil', 'np' or 'latent'")
+        if mask_image is not None and image is None:
+            raise SdwbError("mask_image needs image (inpainting edits an image)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         scheduler = self.scheduler
         cfg = guidance_scale > 1.0
+        if image is not None:
+            height, width = int(image.shape[-2]), int(image.shape[-1])
         h, w = self.latent_size(height, width)
         f = self.facts["vae_scale_factor"]
         conditions = self.encode_prompt(prompts, cfg, h * f, w * f)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         shape = (len(prompts), self.facts["latent_channels"], h, w)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        latents = latents * scheduler.init_noise_sigma
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        timesteps, init, mask = scheduler.timesteps, None, None
+        if image is None:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            init, timesteps, latents = self._edit_start(image, strength, noise, scheduler)
+            if mask_image is not None:
+                mask = self._latent_mask(mask_image, h, w)
         extra = self._extra_step_kwargs(scheduler, generator, eta)
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
             timestep = t.reshape(1).to(self.device, torch.float32)
-            noise = self.run_component("unet", sample=model_input, timestep=timestep,
-                                       **conditions).to(latents.dtype)
+            noise_pred = self.run_component("unet", sample=model_input, timestep=timestep,
+                                            **conditions).to(latents.dtype)
             if cfg:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance_scale * (cond - uncond)
-            latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (cond - uncond)
+            latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+            if mask is not None:
+                last = i == len(timesteps) - 1
+                proper = init if last else scheduler.add_noise(init, noise, timesteps[i + 1 : i + 2])
+                latents = (1 - mask) * proper + mask * latents
             if callback_on_step_end is not None:
                 latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
-        image = self.run_component("vae_decoder", latent=latents).float()
-        images = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
-        if output_type == "pil":
-            from PIL import Image
+        if mask is not None and not len(timesteps):
+            latents = init
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = self.run_component("vae_decoder", latent=latents).float()
+            images = (decoded / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                from PIL import Image
 
-            images = [Image.fromarray((img * 255).round().clip(0, 255).astype(np.uint8)) for img in images]
+                images = [Image.fromarray((x * 255).round().clip(0, 255).astype(np.uint8)) for x in images]
         if not return_dict:
             return (images, None)
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
