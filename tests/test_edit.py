@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -99,7 +100,7 @@ def test_inpainting_leaves_the_unmasked_latents_exactly_the_inputs(pipe, source,
         psnr(np.asarray(image)[:, w // 2 + 4 :], np.asarray(source)[:, w // 2 + 4 :])
 
 
-def test_onnxruntime_edits_match_torch(pipe, source, half_mask, tiny_pipeline_dir, tiny_onnx_dir,
+def test_onnxruntime_and_openvino_edits_match_torch(pipe, source, half_mask, tiny_pipeline_dir, tiny_onnx_dir,
                                        tmp_path_factory):
     from export.onnx import export_onnx
     from sdwb.backends.onnxruntime import OrtStableDiffusionPipeline
@@ -107,11 +108,16 @@ def test_onnxruntime_edits_match_torch(pipe, source, half_mask, tiny_pipeline_di
     out = tmp_path_factory.mktemp("edit") / "onnx"
     components = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
     export_onnx(str(tiny_pipeline_dir), out, components=components)
-    ort = OrtStableDiffusionPipeline.from_export(out)
-    for mask in (None, half_mask):
-        kw = dict(strength=0.6, mask=mask, steps=5, seed=2, progress=False)
-        (a,), (b,) = edit(pipe, source, [EDIT], **kw), edit(ort, source, [EDIT], **kw)
-        assert psnr(a, b) >= 40.0, mask
+    runners = {"onnxruntime": OrtStableDiffusionPipeline.from_export(out)}
+    if importlib.util.find_spec("openvino") is not None:  # the openvino extra: it reads the ONNX export
+        from sdwb.backends.registry import open_exported
+
+        runners["openvino"] = open_exported("openvino", out, threads=1)
+    for name, runner in runners.items():
+        for mask in (None, half_mask):
+            kw = dict(strength=0.6, mask=mask, steps=5, seed=2, progress=False)
+            (a,), (b,) = edit(pipe, source, [EDIT], **kw), edit(runner, source, [EDIT], **kw)
+            assert psnr(a, b) >= 40.0, (name, mask)
     no_encoder = OrtStableDiffusionPipeline.from_export(tiny_onnx_dir)  # exported without vae_encoder
     with pytest.raises(SdwbError, match="vae_encoder"):
         edit(no_encoder, source, [EDIT], steps=2, progress=False)
