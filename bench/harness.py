@@ -253,6 +253,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path, progress: bool = True,
             run.save(partial=True)
             _latency(run, pipes, prompts, bars)
             _runtime_compile_columns(run, pipes)
+            _edits(run, pipes, bars)
             run.save(partial=True)
             _release(pipes)  # the probes' fresh processes get the RAM the loaded variants held
             _memory(run, bars)
@@ -290,20 +291,28 @@ def _prepare(run: _Run, bars: _Bars) -> None:
     to ONNX once per spec into ``OUT/exports/<variant>/`` (before any model is loaded, so the export
     has the RAM); OpenVINO reads that ONNX export as it is."""
     from sdwb.backends.registry import ensure_export
+    from sdwb.cache.config import refuse_cache_variant
 
+    for s in run.scenarios:
+        if "edit" in s.metrics and s.backend == "torch":
+            refuse_cache_variant(s.model, f"variant {s.variant}: metric edit")
     todo = [s for s in run.scenarios if s.backend != "torch"]
     if not todo:
         return
-    exported: dict[tuple[str, int], dict] = {}  # (spec, max_batch) -> ensure_export's result
+    exported: dict[tuple[str, int, bool], dict] = {}  # (spec, max_batch) -> ensure_export's result
     advance = bars.task("exporting", len(todo))
     for s in todo:
+        encoder = "edit" in s.metrics  # img2img / inpainting encode the input image
         if _is_export_of(s):
             run.model_dirs[s.variant] = Path(s.model).expanduser()
+            if encoder:
+                _check_encoder(s)
         else:
-            key = (s.model, max(8, s.batch))
+            key = (s.model, max(8, s.batch), encoder)
             if key not in exported:
                 try:
-                    exported[key] = ensure_export(s.model, run.out / "exports" / s.variant, max_batch=key[1])
+                    exported[key] = ensure_export(s.model, run.out / "exports" / s.variant, max_batch=key[1],
+                                                  encoder=encoder)
                 except SdwbError as e:
                     raise SdwbError(f"variant {s.variant}: export of {s.model}: {e}") from None
             result = exported[key]
@@ -311,6 +320,15 @@ def _prepare(run: _Run, bars: _Bars) -> None:
             run.rows[s.variant].update({f"export_{k}" if k == "reused" else k: v
                                         for k, v in result.items() if k != "dir"})
         advance()
+
+
+def _check_encoder(s: Scenario) -> None:
+    """Metric edit on an export directory: it must hold the VAE encoder (before any work)."""
+    from sdwb.variants.manifest import read_manifest
+
+    if "vae_encoder" not in (read_manifest(Path(s.model).expanduser()).get("components") or {}):
+        raise SdwbError(f"variant {s.variant}: metric edit needs the VAE encoder, which {s.model} lacks "
+                        "(export with --components text_encoder,unet,vae_decoder,vae_encoder)")
 
 
 def _load(run: _Run, bars: _Bars) -> dict[str, Any]:
@@ -513,6 +531,42 @@ def _latency(run: _Run, pipes: dict, prompts: dict, bars: _Bars) -> None:
         measure(pipes, todo, {v: p[0] for v, p in prompts.items()}, on_run=on_run)
     except SdwbError as e:
         raise SdwbError(f"latency: {e}") from None
+
+
+def _edits(run: _Run, pipes: dict, bars: _Bars) -> None:
+    """Metric edit: the first ``n_edits`` cases of builtin:shapes-edit (img2img of colour, shape and
+    position, and inpainting) at ``edit_strength``, scored by the judge (:mod:`sdwb.shapes_edit`);
+    ``s_per_edit`` is their mean wall time (one run each, not the interleaved latency protocol)."""
+    import time
+
+    from bench.latency import fixed_threads
+    from sdwb.edit import edit
+    from sdwb.judge import load_judge
+    from sdwb.shapes_edit import edit_cases, score_edits
+
+    todo = [s for s in run.scenarios if "edit" in s.metrics]
+    if not todo:
+        return
+    advance = bars.task("edits", sum(s.n_edits for s in todo))
+    judges: dict[str, Any] = {}
+    for s in todo:
+        cases = edit_cases(s.n_edits)
+        images, started = [], time.perf_counter()
+        with fixed_threads(s.threads):
+            for case in cases:
+                try:
+                    images += edit(pipes[s.variant], case.image(), [case.prompt], strength=s.edit_strength,
+                                   mask=case.mask(), steps=s.steps, guidance=s.guidance,
+                                   seed=s.seed + case.index, scheduler=s.scheduler, progress=False)
+                except SdwbError as e:
+                    raise SdwbError(f"variant {s.variant}: edit: {e}") from None
+                advance()
+        seconds = (time.perf_counter() - started) / len(cases)
+        if s.judge not in judges:
+            judges[s.judge] = load_judge(s.judge)
+        scores = score_edits(judges[s.judge], images, cases)
+        scores.pop("outcomes")
+        run.rows[s.variant].update({**scores, "edit_strength": s.edit_strength, "s_per_edit": seconds})
 
 
 def _runtime_compile_columns(run: _Run, pipes: dict) -> None:

@@ -38,6 +38,9 @@ EXTRA_COLUMNS = (
     "unet_shallow_calls", "unet_shallow_ms_per_call",
     "color_acc_lo", "color_acc_hi", "shape_acc_lo", "shape_acc_hi", "position_acc_lo", "position_acc_hi",
     "quality_note", "method", "precision", "weights_dtype",
+    "edit_success", "edit_success_lo", "edit_success_hi", "edit_success_color", "edit_success_shape",
+    "edit_success_position", "edit_success_inpaint", "preserve_psnr", "n_edits", "edit_strength",
+    "s_per_edit",
 )
 COLUMNS = REQUIRED_COLUMNS + EXTRA_COLUMNS
 RESULTS_CSV, RESULTS_JSON = "results.csv", "results.json"

@@ -31,7 +31,8 @@ from sdwb.torch_compile import CompileMode
 from sdwb.yaml_io import DType, Scheduler, apply_overrides, parse_override
 from sdwb.yaml_io import read_yaml as _read_yaml
 
-Metric = Literal["latency", "memory", "quality"]
+Metric = Literal["latency", "memory", "quality", "edit"]
+# the default metrics; "edit" (builtin:shapes-edit img2img / inpainting, scored by the judge) is asked for
 METRICS: tuple[str, ...] = ("latency", "memory", "quality")
 SHAPES_EVAL = "builtin:shapes-eval"
 SUPPORTED_BACKENDS = BACKENDS  # the backends table (sdwb.backends.registry)
@@ -65,6 +66,8 @@ class Settings(BaseModel):
     repeats: int = Field(5, ge=1, description="timed runs per variant (interleaved across variants)")
     metrics: list[Metric] = Field(default_factory=lambda: list(METRICS), min_length=1)
     judge: str = Field("builtin:shapes-judge", min_length=1, description="CLIP judge for quality")
+    n_edits: int = Field(8, ge=1, description="metric edit: the first N cases of builtin:shapes-edit")
+    edit_strength: float = Field(0.6, ge=0.0, le=1.0, description="metric edit: the edits' strength")
     unet_slowdown: float = Field(0.0, ge=0.0, le=10.0, description="gate self-test: after every timed UNet "
                                  "call, busy-wait this fraction of its time (0.15 = a 15% slower UNet)")
 

@@ -183,3 +183,55 @@ def test_sdxl_edits_with_both_text_encoders_and_its_added_conditions():
     assert psnr(out, generate(sdxl, [EDIT], steps=3, seed=4, progress=False)[0]) >= 40.0
     (kept,) = edit(sdxl, source, [EDIT], strength=0.0, steps=3, progress=False)
     assert kept.size == source.size
+
+
+def test_shapes_edit_cases_are_balanced_and_change_one_attribute():
+    from sdwb.shapes_edit import JUDGED, KINDS, edit_cases
+
+    cases = edit_cases(8)
+    assert [c.kind for c in cases] == list(KINDS) * 2 and edit_cases(8) == cases  # seeded, fixed
+    for c in cases:
+        source = c.source.attributes
+        changed = [a for a in source if source[a] != c.target[a]]
+        assert changed == [c.changed] and c.changed in JUDGED and c.prompt != c.source.caption
+        mask = c.mask_array()
+        assert (mask.sum() > 0) == (c.kind == "inpaint") and (mask.mean() < 0.5)
+
+
+def test_bench_metric_edit_scores_torch_and_an_onnx_export_of_it(tiny_pipeline_dir, tiny_onnx_dir, tmp_path,
+                                                                  capsys):
+    """metric edit: edit success with its interval, per kind, preserve_psnr of the inpainting case;
+    the ONNX Runtime row of a torch spec is exported with the VAE encoder; an export without one is
+    refused before any work."""
+    import pandas as pd
+    import yaml
+
+    from sdwb.app import cli
+    from sdwb.shapes_edit import KINDS
+
+    config = tmp_path / "edit.yaml"
+    config.write_text(yaml.safe_dump({
+        "defaults": {"steps": 4, "n_edits": 4, "edit_strength": 0.75, "threads": 1, "metrics": ["edit"]},
+        "variants": [{"name": "torch", "model": str(tiny_pipeline_dir)},
+                     {"name": "ort", "model": str(tiny_pipeline_dir), "backend": "onnxruntime"}],
+    }))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", str(config), "-o", str(tmp_path / "out"), "--no-progress"])
+    assert info.value.code in (0, None), capsys.readouterr().err
+    df = pd.read_csv(tmp_path / "out" / "results.csv").set_index("variant")
+    for name in ("torch", "ort"):
+        row = df.loc[name]
+        assert row["n_edits"] == 4 and row["edit_strength"] == 0.75 and row["s_per_edit"] > 0
+        assert 0 <= row["edit_success_lo"] <= row["edit_success"] <= row["edit_success_hi"] <= 1
+        assert all(0 <= row[f"edit_success_{k}"] <= 1 for k in KINDS) and row["preserve_psnr"] > 0
+    from sdwb.variants.manifest import read_manifest
+
+    assert "vae_encoder" in read_manifest(tmp_path / "out" / "exports" / "ort")["components"]
+
+    config.write_text(yaml.safe_dump({"defaults": {"metrics": ["edit"]},
+                                      "variants": [{"name": "x", "model": str(tiny_onnx_dir),
+                                                    "backend": "onnxruntime"}]}))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", str(config), "-o", str(tmp_path / "refused"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "needs the VAE encoder" in err and len(err.splitlines()) == 1, err

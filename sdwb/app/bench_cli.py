@@ -140,14 +140,21 @@ def print_summary(df, console=None) -> None:
     table = Table(title="sdwb bench", title_justify="left", pad_edge=False)
     headers = ("variant", "dtype", "steps", "s/img (p10-p90)", "img/s", "UNet ms", "calls",
                "RSS MB", "params M", "GMACs", "CLIP", "color", "PSNR")
+    edits = "edit_success" in df and df["edit_success"].notna().any()
+    headers += ("edit ok (95% CI)", "s/edit") if edits else ()
     for h in headers:
         table.add_column(h, justify="left" if h == "variant" else "right", no_wrap=True)
     for row in df.to_dict("records"):
         spread = f"{_fmt(row['e2e_s_median'])} ({_fmt(row['e2e_s_p10'])}-{_fmt(row['e2e_s_p90'])})"
-        table.add_row(
+        cells = [
             str(row["variant"]), str(row["dtype"]), _fmt(row["steps"]), spread, _fmt(row["images_per_s"]),
             _fmt(row["unet_ms_per_call"]), _fmt(row["unet_calls"]), _fmt(row["peak_rss_mb"], 4),
             _fmt(row["params_m"]), _fmt(row["unet_gmacs"]), _fmt(row["clip_score"]), _fmt(row["color_acc"]),
             _fmt(row["psnr_vs_baseline"]),
-        )
+        ]
+        if edits:
+            ok = row.get("edit_success")
+            cells += [f"{_fmt(ok)} ({_fmt(row['edit_success_lo'])}-{_fmt(row['edit_success_hi'])})"
+                      if ok is not None and ok == ok else "-", _fmt(row.get("s_per_edit"))]
+        table.add_row(*cells)
     console.print(table)

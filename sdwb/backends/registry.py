@@ -190,8 +190,9 @@ def open_exported(backend: str, directory: str | Path, *, device: str = "cpu", t
     return row.open(directory, device=device, threads=threads, dtype=dtype)
 
 
-def cached_export_reason(directory: Path, spec: str, max_batch: int) -> str | None:
-    """None when ``directory`` holds a usable export of ``spec``; else why it must be (re)made."""
+def cached_export_reason(directory: Path, spec: str, max_batch: int, encoder: bool = False) -> str | None:
+    """None when ``directory`` holds a usable export of ``spec`` (with the VAE encoder when
+    ``encoder``: editing needs it); else why it must be (re)made."""
     from sdwb.variants.files import library_versions
     from sdwb.variants.manifest import source_fingerprint, verify_manifest
 
@@ -208,13 +209,14 @@ def cached_export_reason(directory: Path, spec: str, max_batch: int) -> str | No
         return "library versions changed since the export"
     if int(manifest.get("max_batch", 0)) < max_batch:
         return f"exported for batch <= {manifest.get('max_batch')}, need {max_batch}"
-    missing = {"text_encoder", "unet", "vae_decoder"} - set(manifest.get("components", {}))
+    needed = {"text_encoder", "unet", "vae_decoder"} | ({"vae_encoder"} if encoder else set())
+    missing = needed - set(manifest.get("components", {}))
     if missing:
         return f"export lacks {', '.join(sorted(missing))}"
     return None
 
 
-def ensure_export(spec: str, directory: str | Path, *, max_batch: int = 8,
+def ensure_export(spec: str, directory: str | Path, *, max_batch: int = 8, encoder: bool = False,
                   timeout: float | None = None) -> dict:
     """Export ``spec`` to ``directory`` unless a valid export of it is already there.
 
@@ -233,7 +235,7 @@ def ensure_export(spec: str, directory: str | Path, *, max_batch: int = 8,
     import time
 
     directory = Path(directory)
-    if cached_export_reason(directory, spec, max_batch) is None:
+    if cached_export_reason(directory, spec, max_batch, encoder) is None:
         return {"dir": directory, "reused": True}
     directory.parent.mkdir(parents=True, exist_ok=True)
     root = str(Path(__file__).resolve().parents[2])
@@ -241,6 +243,8 @@ def ensure_export(spec: str, directory: str | Path, *, max_batch: int = 8,
     env.setdefault("HF_HUB_OFFLINE", "1")
     cmd = [sys.executable, "-m", "sdwb", "export", "onnx", "--model", spec, "-o", str(directory),
            "--max-batch", str(max(max_batch, 1)), "--overwrite"]
+    if encoder:  # the edit metric: img2img / inpainting encode the input image
+        cmd += ["--components", "text_encoder,unet,vae_decoder,vae_encoder"]
     started = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
