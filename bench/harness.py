@@ -536,12 +536,13 @@ def _latency(run: _Run, pipes: dict, prompts: dict, bars: _Bars) -> None:
 def _edits(run: _Run, pipes: dict, bars: _Bars) -> None:
     """Metric edit: the first ``n_edits`` cases of builtin:shapes-edit (img2img of colour, shape and
     position, and inpainting) at ``edit_strength``, scored by the judge (:mod:`sdwb.shapes_edit`);
-    ``s_per_edit`` is their mean wall time (one run each, not the interleaved latency protocol)."""
+    ``s_per_edit`` is their mean wall time with a 95 % bootstrap interval over the edits (one run
+    each, in sequence: not the interleaved latency protocol)."""
     import time
 
     from bench.latency import fixed_threads
     from sdwb.edit import edit
-    from sdwb.judge import load_judge
+    from sdwb.judge import bootstrap_interval, load_judge
     from sdwb.shapes_edit import edit_cases, score_edits
 
     todo = [s for s in run.scenarios if "edit" in s.metrics]
@@ -551,22 +552,25 @@ def _edits(run: _Run, pipes: dict, bars: _Bars) -> None:
     judges: dict[str, Any] = {}
     for s in todo:
         cases = edit_cases(s.n_edits)
-        images, started = [], time.perf_counter()
+        images, seconds = [], []
         with fixed_threads(s.threads):
             for case in cases:
+                started = time.perf_counter()
                 try:
                     images += edit(pipes[s.variant], case.image(), [case.prompt], strength=s.edit_strength,
                                    mask=case.mask(), steps=s.steps, guidance=s.guidance,
                                    seed=s.seed + case.index, scheduler=s.scheduler, progress=False)
                 except SdwbError as e:
                     raise SdwbError(f"variant {s.variant}: edit: {e}") from None
+                seconds.append(time.perf_counter() - started)
                 advance()
-        seconds = (time.perf_counter() - started) / len(cases)
         if s.judge not in judges:
             judges[s.judge] = load_judge(s.judge)
         scores = score_edits(judges[s.judge], images, cases)
         scores.pop("outcomes")
-        run.rows[s.variant].update({**scores, "edit_strength": s.edit_strength, "s_per_edit": seconds})
+        mean, lo, hi = bootstrap_interval(seconds)
+        run.rows[s.variant].update({**scores, "edit_strength": s.edit_strength, "s_per_edit": mean,
+                                    "s_per_edit_lo": lo, "s_per_edit_hi": hi})
 
 
 def _runtime_compile_columns(run: _Run, pipes: dict) -> None:

@@ -355,10 +355,13 @@ def verdict(label: str, row: dict, base: dict, base_label: str, speed: Speedup |
     """One variant's sentence (see the module docstring for the rules)."""
     from bench.gate import row_checks
 
-    speed_text = speed.words() if speed is not None else "speed not measured"
-    head = f"{label}: {speed_text} than {base_label}"
+    speed_text = f"{speed.words()} than {base_label}" if speed is not None else "speed not measured"
+    head = f"{label}: {speed_text}"
     if speed is not None and speed.within_noise:
         head += " (within noise: the interval holds 1×)"
+    edits = edit_words(row, base, base_label)
+    if edits:
+        head += f"; {edits}"
     checks = [c for c in row_checks(base, row, config) if c.metric in _QUALITY_CHECKS]
     measured = [c for c in checks if c.baseline is not None and c.candidate is not None]
     if not measured:
@@ -383,6 +386,49 @@ def verdict(label: str, row: dict, base: dict, base_label: str, speed: Speedup |
     if all(c.status == "skipped" for c in measured):  # every measured metric ungated in this config
         return Verdict(head, "quality not judged", "the gate config sets no quality limits")
     return Verdict(head, "quality held", "no loss beyond the gate's limits")
+
+
+def edit_words(row: dict, base: dict, base_label: str) -> str:
+    """``edit success 70.0 % [63.3–76.1] at strength 0.6 (−2.2 points vs B), 0.147 s/edit`` when the
+    row measured the edit metric (the difference only against a baseline edited at the same strength)."""
+    ok = _value(row.get("edit_success"))
+    if ok is None:
+        return ""
+    share = _edit_share(row)
+    text = f"edit success {share} % at strength {_num(row.get('edit_strength'))}"
+    base_ok = _value(base.get("edit_success"))
+    if row is not base and base_ok is not None and base.get("edit_strength") == row.get("edit_strength"):
+        text += f" ({_signed(100 * (ok - base_ok), 1)} points vs {base_label})"
+    seconds = _value(row.get("s_per_edit"))
+    return text + (f", {_num(seconds)} s/edit" if seconds is not None else "")
+
+
+def _edit_share(row: dict) -> str:
+    lo, hi = row.get("edit_success_lo"), row.get("edit_success_hi")
+    return _with_interval(row.get("edit_success"), lo, hi, 1, 100.0)
+
+
+def edit_table(ctx: _Context) -> Table | None:
+    """The edit metric's columns (builtin:shapes-edit), when any row measured it."""
+    if not any(_value(r.get("edit_success")) is not None for r in ctx.rows):
+        return None
+    kinds = ("color", "shape", "position", "inpaint")
+    header = ["variant", "strength", "steps", "edits", "edit success % [95% CI]",
+              *(f"{k} %" for k in kinds), "kept region PSNR dB", "s/edit [95% CI]"]
+    body = []
+    for row, base in zip(ctx.rows, ctx.bases):
+        if _value(row.get("edit_success")) is None:
+            continue
+        body.append([
+            _variant_cell(row, base, len(ctx.rows)), _num(row.get("edit_strength")), _text(row.get("steps")),
+            _text(row.get("n_edits")),
+            _edit_share(row),
+            *(_num(100 * v, 1) if (v := _value(row.get(f"edit_success_{k}"))) is not None else MISSING
+              for k in kinds),
+            _num(row.get("preserve_psnr"), 1),
+            _with_interval(row.get("s_per_edit"), row.get("s_per_edit_lo"), row.get("s_per_edit_hi")),
+        ])
+    return _with_source(Table("Editing (builtin:shapes-edit)", header, body, {0}, {0}), ctx)
 
 
 def limits_text(config, origin: str) -> str:
@@ -771,7 +817,7 @@ class _Page:
     sources: list[Source]
     verdicts: list[Verdict]
     limits: str
-    tables: tuple[Table, Table]
+    tables: tuple[Table, ...]  # speed and quality, cost, then any more (editing)
     notes: list[str]
 
 
@@ -857,6 +903,7 @@ def _html(page: _Page, figures: dict[str, bytes]) -> str:
                            + ("" if s.complete else " (incomplete)") for s in page.sources) + ".</p>")
     out.append(_html_table(page.tables[0], wide=False))
     out.append(_html_table(page.tables[1], wide=True))
+    out += [_html_table(table, wide=False) for table in page.tables[2:]]
     out.append(f"<p class='note'>{e(_TABLE_NOTE)}</p>")
     if page.notes:
         out.append("<ul class='note'>" + "".join(f"<li>{e(n)}</li>" for n in page.notes) + "</ul>")
@@ -896,7 +943,7 @@ def render_report(results_paths: list[Path], out_dir: Path, n_images: int = GRID
     incomplete = _incomplete_text(sources)
     page = _Page("# sd-workbench benchmark report" + (" (INCOMPLETE)" if incomplete else ""), sources,
                  verdicts(ctx, config), limits_text(config, origin),
-                 (speed_quality_table(ctx), cost_table(ctx)), row_notes(df))
+                 (speed_quality_table(ctx), cost_table(ctx), *filter(None, [edit_table(ctx)])), row_notes(df))
     figures: dict[str, bytes] = {}
     for title, make in (("Latency", latency_figure), ("Quality vs latency (Pareto)", pareto_figure),
                         ("Memory and size", memory_figure)):

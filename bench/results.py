@@ -40,7 +40,7 @@ EXTRA_COLUMNS = (
     "quality_note", "method", "precision", "weights_dtype",
     "edit_success", "edit_success_lo", "edit_success_hi", "edit_success_color", "edit_success_shape",
     "edit_success_position", "edit_success_inpaint", "preserve_psnr", "n_edits", "edit_strength",
-    "s_per_edit",
+    "s_per_edit", "s_per_edit_lo", "s_per_edit_hi",
 )
 COLUMNS = REQUIRED_COLUMNS + EXTRA_COLUMNS
 RESULTS_CSV, RESULTS_JSON = "results.csv", "results.json"

@@ -221,12 +221,20 @@ def test_bench_metric_edit_scores_torch_and_an_onnx_export_of_it(tiny_pipeline_d
     df = pd.read_csv(tmp_path / "out" / "results.csv").set_index("variant")
     for name in ("torch", "ort"):
         row = df.loc[name]
-        assert row["n_edits"] == 4 and row["edit_strength"] == 0.75 and row["s_per_edit"] > 0
+        assert row["n_edits"] == 4 and row["edit_strength"] == 0.75
+        assert 0 < row["s_per_edit_lo"] <= row["s_per_edit"] <= row["s_per_edit_hi"]
         assert 0 <= row["edit_success_lo"] <= row["edit_success"] <= row["edit_success_hi"] <= 1
         assert all(0 <= row[f"edit_success_{k}"] <= 1 for k in KINDS) and row["preserve_psnr"] > 0
     from sdwb.variants.manifest import read_manifest
 
     assert "vae_encoder" in read_manifest(tmp_path / "out" / "exports" / "ort")["components"]
+    from bench.report import render_report
+
+    md, _ = render_report([tmp_path / "out"], tmp_path / "report")
+    text = md.read_text()
+    assert "## Editing (builtin:shapes-edit)" in text and "speed not measured than" not in text
+    verdict = next(line for line in text.splitlines() if line.startswith("- ort:"))
+    assert all(w in verdict for w in ("edit success", "at strength 0.75", "points vs torch")), verdict
 
     config.write_text(yaml.safe_dump({"defaults": {"metrics": ["edit"]},
                                       "variants": [{"name": "x", "model": str(tiny_onnx_dir),
