@@ -282,7 +282,7 @@ def generate(
 ) -> None:
     """Generate images (see GENERATE_HELP): recipe + flags -> pipeline -> image files + json."""
     from sdwb.app.recipe_schema import config_hash, load_recipe, recipe_from_dict, resolved_dict
-    from sdwb.runs import atomic_save_image, atomic_write_json, check_writable_file
+    from sdwb.runs import atomic_write_json, check_writable_file
 
     if backend not in ("auto", *BACKENDS):
         raise SdwbError(f"--backend {backend}: expected auto, {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
@@ -336,20 +336,8 @@ def generate(
         images = run_generate(pipe, prompts, **kw)
     else:
         images = _generate_exported(backend, recipe.model, g.dtype, device, prompts, kw)
-    files = []
-    if len(images) == 1:
-        atomic_save_image(images[0], output)
-        files.append(str(output))
-    else:
-        from sdwb.generate import captioned_grid
-
-        for k, img in enumerate(images):
-            path = output.with_name(f"{output.stem}-{k:03d}{output.suffix}")
-            atomic_save_image(img, path)
-            files.append(str(path))
-        captions = [f"{p}\nseed {g.seed + k}" for k, p in enumerate(prompts)]
-        columns = g.batch if len(prompt) > 1 else len(images)
-        atomic_save_image(captioned_grid(images, captions, columns=columns), output)
+    captions = [f"{p}\nseed {g.seed + k}" for k, p in enumerate(prompts)]
+    files = write_images(images, output, captions, columns=g.batch if len(prompt) > 1 else len(images))
     record = {
         "command": "generate",
         "sdwb_version": __version__,
@@ -366,6 +354,27 @@ def generate(
     }
     meta = atomic_write_json(output.with_suffix(".json"), record)
     typer.echo(f"wrote {output} ({len(images)} image{'s' if len(images) > 1 else ''}) and {meta}")
+
+
+def write_images(images: list, output: Path, captions: list[str], columns: int, lead=None) -> list[str]:
+    """One image: written to ``output``. Several: each written beside it as STEM-NNN.SUFFIX and a
+    captioned grid to ``output`` (``lead``: an (image, caption) shown first, e.g. an edit's input).
+    Returns the files of the images, in order."""
+    from sdwb.generate import captioned_grid
+    from sdwb.runs import atomic_save_image
+
+    if len(images) == 1:
+        atomic_save_image(images[0], output)
+        return [str(output)]
+    files = []
+    for k, img in enumerate(images):
+        path = output.with_name(f"{output.stem}-{k:03d}{output.suffix}")
+        atomic_save_image(img, path)
+        files.append(str(path))
+    if lead is not None:
+        images, captions = [lead[0], *images], [lead[1], *captions]
+    atomic_save_image(captioned_grid(images, captions, columns=columns), output)
+    return files
 
 
 def _compile_mode(compile_: bool, mode: str | None, backend: str, device: str) -> str | None:

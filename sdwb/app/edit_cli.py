@@ -52,12 +52,12 @@ def edit_command(
     repainted). Same models, backends, schedulers and seeds as generate; a distilled student edits
     with its own steps. Writes OUTPUT (a captioned grid for several prompts) and STEM.json."""
     from sdwb import __version__
-    from sdwb.app.cli import _console, _disable_library_progress_bars, _resolve_device
+    from sdwb.app.cli import _console, _disable_library_progress_bars, _resolve_device, write_images
     from sdwb.backends.registry import backend_for, check_model, open_exported
     from sdwb.edit import check_edit_inputs, edit, read_image
     from sdwb.inference import resolve
     from sdwb.preflight import check_prompts, check_sidecar
-    from sdwb.runs import atomic_save_image, atomic_write_json, check_writable_file
+    from sdwb.runs import atomic_write_json, check_writable_file
 
     check_prompts(prompt)
     picture = read_image(image)
@@ -83,20 +83,8 @@ def edit_command(
             pipe = open_exported(backend, check_model(backend, model), device=device)
     images = edit(pipe, picture, prompt, strength=strength, mask=mask_image, steps=steps, guidance=guidance,
                   seed=seed, scheduler=scheduler, progress=progress)
-    files = []
-    if len(images) == 1:
-        atomic_save_image(images[0], output)
-        files.append(str(output))
-    else:
-        from sdwb.generate import captioned_grid
-
-        for k, img in enumerate(images):
-            path = output.with_name(f"{output.stem}-{k:03d}{output.suffix}")
-            atomic_save_image(img, path)
-            files.append(str(path))
-        captions = [f"{p}\nseed {seed + k}" for k, p in enumerate(prompt)]
-        atomic_save_image(captioned_grid([picture, *images], ["input", *captions], columns=len(images) + 1),
-                          output)
+    captions = [f"{p}\nseed {seed + k}" for k, p in enumerate(prompt)]
+    files = write_images(images, output, captions, columns=len(images) + 1, lead=(picture, "input"))
     record = {
         "command": "edit", "sdwb_version": __version__, "model": model, "backend": backend, "device": device,
         "image": str(image), "mask": str(mask) if mask is not None else None, "strength": strength,
