@@ -52,7 +52,10 @@ except ModuleNotFoundError as _exc:
 else:
     app.add_typer(baseline_app, name="baseline")
 
-from sdwb.app.bench_cli import bench_command  # noqa: E402  (imports only typer; heavy imports are lazy)
+from sdwb.app.bench_cli import bench_command  # noqa: E402
+from sdwb.app.cli_output import console as _console  # noqa: E402
+from sdwb.app.cli_output import resolve_device as _resolve_device  # noqa: E402
+from sdwb.app.cli_output import write_images  # noqa: E402  (imports only typer; heavy imports are lazy)
 from sdwb.app.compress_cli import compress_app  # noqa: E402
 from sdwb.app.edit_cli import edit_command  # noqa: E402
 from sdwb.app.export_cli import export_app  # noqa: E402
@@ -133,12 +136,6 @@ def _root(
         os.environ[FOLLOW_SYMLINKS_ENV] = "1"
 
 
-def _console():
-    from rich.console import Console
-
-    return Console()
-
-
 # --------------------------------------------------------------------------- models
 
 
@@ -206,18 +203,6 @@ def models(
 
 
 # --------------------------------------------------------------------------- generate
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SdwbError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise SdwbError(f"--device {device}: expected auto, cpu or cuda[:N]")
-    return device
 
 
 GENERATE_HELP = (
@@ -354,27 +339,6 @@ def generate(
     }
     meta = atomic_write_json(output.with_suffix(".json"), record)
     typer.echo(f"wrote {output} ({len(images)} image{'s' if len(images) > 1 else ''}) and {meta}")
-
-
-def write_images(images: list, output: Path, captions: list[str], columns: int, lead=None) -> list[str]:
-    """One image: written to ``output``. Several: each written beside it as STEM-NNN.SUFFIX and a
-    captioned grid to ``output`` (``lead``: an (image, caption) shown first, e.g. an edit's input).
-    Returns the files of the images, in order."""
-    from sdwb.generate import captioned_grid
-    from sdwb.runs import atomic_save_image
-
-    if len(images) == 1:
-        atomic_save_image(images[0], output)
-        return [str(output)]
-    files = []
-    for k, img in enumerate(images):
-        path = output.with_name(f"{output.stem}-{k:03d}{output.suffix}")
-        atomic_save_image(img, path)
-        files.append(str(path))
-    if lead is not None:
-        images, captions = [lead[0], *images], [lead[1], *captions]
-    atomic_save_image(captioned_grid(images, captions, columns=columns), output)
-    return files
 
 
 def _compile_mode(compile_: bool, mode: str | None, backend: str, device: str) -> str | None:

@@ -52,7 +52,7 @@ def edit_command(
     repainted). Same models, backends, schedulers and seeds as generate; a distilled student edits
     with its own steps. Writes OUTPUT (a captioned grid for several prompts) and STEM.json."""
     from sdwb import __version__
-    from sdwb.app.cli import _console, _disable_library_progress_bars, _resolve_device, write_images
+    from sdwb.app.cli_output import console, resolve_device, write_images
     from sdwb.backends.registry import backend_for, check_model, open_exported
     from sdwb.edit import check_edit_inputs, edit, read_image
     from sdwb.inference import resolve
@@ -69,10 +69,12 @@ def edit_command(
         raise SdwbError(f"--backend {backend}: sdwb edit runs on torch, onnxruntime or openvino")
     output = check_writable_file(output, OUTPUT_SUFFIXES)
     check_sidecar(output.with_suffix(".json"), output, overwrite, command="edit")
-    device = _resolve_device(device)
-    _disable_library_progress_bars()
+    device = resolve_device(device)
+    from sdwb.loading import quiet_library_progress
+
+    quiet_library_progress()  # diffusers' loading bars: ours replace them
     started = time.perf_counter()
-    with _console().status(f"loading {model}", spinner="dots"):
+    with console().status(f"loading {model}", spinner="dots"):
         if backend == "torch":
             from sdwb.cache.config import refuse_cache_variant
             from sdwb.loading import load_pipeline
