@@ -300,16 +300,17 @@ def _train_round(rnd: _Round, directory: Path, log_path: Path, progress: bool) -
     from sdwb.train.common import from_main_process
 
     acc = rnd.accelerator
-
-    def agreed(value: float) -> float:  # a time budget: every process goes by the main one's clock
-        return from_main_process(acc, value)
-
     main = acc.is_main_process
     start = step if kind == "steps" else state["elapsed_s"]
     with _bar(progress and main, name, amount, start, unit) as update, \
             open(log_path if main else os.devnull, "a") as log:
-        while (step < amount) if kind == "steps" else (agreed(elapsed()) < amount or step == 0):
-            fraction = step / amount if kind == "steps" else agreed(elapsed()) / amount
+        while True:
+            # how far the budget is spent; a time budget goes by the main process's clock, so
+            # every process decides alike whether to take another step (one broadcast per step)
+            spent = step if kind == "steps" else from_main_process(acc, elapsed())
+            if spent >= amount and (kind == "steps" or step > 0):
+                break
+            fraction = spent / amount
             adapt_threads()  # load that arrived after the start: fewer threads, not a collapse
             metrics = rnd.step(step, _lr_factor(cfg, step, fraction))
             losses.append(metrics["loss"])
