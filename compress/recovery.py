@@ -24,6 +24,7 @@ continues where it stopped because every batch is a function of the step). The d
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -131,6 +132,7 @@ def recover(student, teacher, data: DenoisingData, config, work: Path, progress:
     from sdwb.train.common import (
         Checkpointer,
         autocast,
+        batch_mean,
         cosine_lr,
         make_accelerator,
         mean_over_processes,
@@ -156,11 +158,7 @@ def recover(student, teacher, data: DenoisingData, config, work: Path, progress:
         recovering.train().requires_grad_(True)
         optimizer = torch.optim.AdamW(recovering.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         wrapped, optimizer = accelerator.prepare(recovering, optimizer)
-
-        def batch_mean(value: torch.Tensor) -> torch.Tensor:  # no gradient flows through it
-            if accelerator.num_processes == 1:
-                return value
-            return accelerator.reduce(value.detach().reshape(1), reduction="mean")[0]
+        global_mean = functools.partial(batch_mean, accelerator)  # feature loss normaliser: the whole batch's
 
         def step_fn(step: int) -> dict[str, float]:
             for g in optimizer.param_groups:
@@ -173,7 +171,7 @@ def recover(student, teacher, data: DenoisingData, config, work: Path, progress:
                 target_out = teacher(**inputs).sample.float()
             with autocast(device, config.precision):
                 out = wrapped(**inputs).sample.float()
-                feat = feature_loss(recovering, student_tap.features, teacher_tap.features, batch_mean) \
+                feat = feature_loss(recovering, student_tap.features, teacher_tap.features, global_mean) \
                     if config.feature_weight > 0 else out.new_zeros(())
             output = F.mse_loss(out, target_out)
             task = F.mse_loss(out, batch["target"].to(device))

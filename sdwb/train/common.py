@@ -85,11 +85,17 @@ def rank_rows(global_batch: int, accelerator) -> slice:
     return slice(rank * size, (rank + 1) * size)
 
 
-def mean_over_processes(accelerator, value: torch.Tensor) -> float:
-    """The mean of a per-process scalar over all processes (equal shares: the global batch's mean)."""
+def batch_mean(accelerator, value: torch.Tensor) -> torch.Tensor:
+    """The mean of a per-process scalar over all processes: with equal shares, the global batch's
+    statistic. One process: ``value`` itself; several: a detached tensor (no gradient crosses)."""
     if accelerator.num_processes == 1:
-        return float(value.detach())
-    return float(accelerator.reduce(value.detach().reshape(1).float(), reduction="mean")[0])
+        return value
+    return accelerator.reduce(value.detach().reshape(1).float(), reduction="mean")[0]
+
+
+def mean_over_processes(accelerator, value: torch.Tensor) -> float:
+    """:func:`batch_mean` as a number (a loss to log)."""
+    return float(batch_mean(accelerator, value).detach())
 
 
 def from_main_process(accelerator, value: float) -> float:
