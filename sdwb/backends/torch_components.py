@@ -56,10 +56,8 @@ def components_pipeline(pipe):
     device, dtype = pipe.unet.device, pipe.unet.dtype
     runners = {}
     for name in names:
-        module = wrapper(name, pipe)
-        owner = {"text_encoder": pipe.text_encoder, "text_encoder_2": getattr(pipe, "text_encoder_2", None),
-                 "unet": pipe.unet}.get(name, pipe.vae)
-        runners[name] = TorchComponent(module, device, next(owner.parameters()).dtype)
+        module = wrapper(name, pipe)  # holds the pipeline's own network: its dtype is the inputs'
+        runners[name] = TorchComponent(module, device, next(module.parameters()).dtype)
     runner = ExportedPipeline(runners, pipe.tokenizer, pipe.scheduler, facts, device=str(device),
                               info={"backend": "torch", "dtype": str(dtype).replace("torch.", "")},
                               tokenizer_2=getattr(pipe, "tokenizer_2", None))
