@@ -299,7 +299,7 @@ def _prepare(run: _Run, bars: _Bars) -> None:
     todo = [s for s in run.scenarios if s.backend != "torch"]
     if not todo:
         return
-    exported: dict[tuple[str, int, bool], dict] = {}  # (spec, max_batch) -> ensure_export's result
+    exported: dict[tuple[str, int, bool], dict] = {}  # (spec, max_batch, encoder) -> ensure_export's result
     advance = bars.task("exporting", len(todo))
     for s in todo:
         encoder = "edit" in s.metrics  # img2img / inpainting encode the input image
