@@ -90,6 +90,10 @@ def preflight(scenarios: list[Scenario]) -> list[Scenario]:
         if s.model.startswith("recipe:"):  # resolved by the application layer before a bench
             raise SdwbError(f"variant {s.variant}: {s.model}: a recipe model is resolved by `sdwb bench` / "
                             "`sdwb run`, not by the benchmark harness")
+        if s.lora is not None and s.backend != "torch":
+            raise SdwbError(f"variant {s.variant}: lora with backend {s.backend}: an exported graph is "
+                            "fixed; "
+                            "fuse the LoRA first (sdwb lora fuse), then export or quantize the result")
         if s.backend in ("onnxruntime", "openvino"):  # the runtime's threads: recorded, never "default"
             update["threads"] = s.threads or torch.get_num_threads()
         out.append(s.model_copy(update=update))
@@ -345,10 +349,11 @@ def _load(run: _Run, bars: _Bars) -> dict[str, Any]:
             pipes[s.variant] = _load_exported(run, s, cache)
             advance()
             continue
-        key = (s.model, s.dtype, s.device) + ((s.variant,) if s.compile else ())  # compiled: its own copy
-        if key not in cache:
+        key = (s.model, s.dtype, s.device, s.lora, s.lora_scale) + ((s.variant,) if s.compile else ())
+        if key not in cache:  # a compiled row gets its own copy
             try:
-                cache[key] = load_pipeline(s.model, device=device_for(s.device), dtype=torch_dtype(s.dtype))
+                cache[key] = load_pipeline(s.model, device=device_for(s.device), dtype=torch_dtype(s.dtype),
+                                           lora=s.lora, lora_scale=s.lora_scale)
             except SdwbError as e:
                 raise SdwbError(f"variant {s.variant}: {e}") from None
             cache[key].set_progress_bar_config(disable=True)
@@ -357,6 +362,8 @@ def _load(run: _Run, bars: _Bars) -> dict[str, Any]:
         row.update(param_counts(pipe))
         row["size_mb"] = size_on_disk_mb(s.model)
         row.update(_variant_columns(s, resolve_spec(s.model, "pipeline")))
+        if getattr(pipe, "sdwb_lora", None) is not None:  # which adapter, by hash, at what scale
+            row.update(lora=s.lora, lora_sha256=pipe.sdwb_lora["sha256"], lora_scale=s.lora_scale)
         default = pipe.unet.config.sample_size * pipe.vae_scale_factor
         default = (default, default) if isinstance(default, int) else default
         row["height"], row["width"] = s.height or default[0], s.width or default[1]

@@ -224,6 +224,7 @@ def prune(
     from compress.variant_io import write_float_variant
     from sdwb.macs import MACS_COUNTER, unet_example_inputs, unet_macs
     from sdwb.train.common import is_main_process, main_process_first, wait_for_everyone
+    from sdwb.variants.kept import trace_kept
 
     main = is_main_process()  # under accelerate launch: the process that writes and reports
     if config.finetune.steps > 0:  # a recovery batch N processes cannot share: refused before any work
@@ -268,6 +269,7 @@ def prune(
             summary = _apply(student, config, pipe, data, say)
             if work is not None and config.finetune.steps > 0 and main:
                 _save_pruned(student, summary, work / PRUNED_DIR)
+        kept = trace_kept(teacher, student)  # before recovery: the pruned weights are still slices
         prune_seconds = time.perf_counter() - started
         recovery = None
         if config.finetune.steps > 0:
@@ -288,7 +290,7 @@ def prune(
             "recovery": recovery,
         }
         pipe.unet = student
-        record = _record(config, parent, student, metrics)
+        record = _record(config, parent, student, metrics, kept)
         if out is not None and main:
             write_float_variant(pipe, out, record, overwrite, say)
         if work is not None and scratch is None and not keep_work and main:
@@ -300,7 +302,7 @@ def prune(
     return Pruned(config, pipe, record, out, metrics)
 
 
-def _record(config: PruneConfig, parent: dict, unet, metrics: dict) -> dict:
+def _record(config: PruneConfig, parent: dict, unet, metrics: dict, kept: dict | None = None) -> dict:
     from sdwb.variants.pruned import describe
     from sdwb.variants.record import new_record
 
@@ -308,6 +310,6 @@ def _record(config: PruneConfig, parent: dict, unet, metrics: dict) -> dict:
         stage="prune", method=config.method, backend="torch",
         weights="float UNet of pruned shapes (rebuilt from 'architecture'); VAE and text encoder are the "
                 "parent's",
-        parent=parent, config=resolved(config), architecture=describe(unet), metrics=metrics,
+        parent=parent, config=resolved(config), architecture=describe(unet, kept), metrics=metrics,
         extra_libraries=("torch-pruning", "accelerate"),
     )

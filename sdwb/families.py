@@ -31,6 +31,7 @@ VERBS = (
     "export openvino",
     "backend openvino",
     "export tensorrt",
+    "lora train",
 )
 
 
@@ -58,7 +59,8 @@ FAMILIES: dict[str, Family] = {
     "sdxl": Family(
         "sdxl", "SDXL", "StableDiffusionXLPipeline",
         _SD_COMPONENTS + ("text_encoder_2", "tokenizer_2"),
-        tuple(v for v in VERBS if v != "export tensorrt"),  # TensorRT runners take one output per engine
+        # TensorRT runners take one output per engine; lora train drives one text encoder
+        tuple(v for v in VERBS if v not in ("export tensorrt", "lora train")),
         "two text encoders + pooled embeddings and micro-conditioning (added_cond_kwargs); sdxl-arch",
     ),
 }

@@ -170,25 +170,44 @@ def quiet_library_progress() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32, *,
+                  lora: str | None = None, lora_scale: float = 1.0, fuse_lora: bool = False):
     """The diffusers pipeline for ``spec`` (``StableDiffusionPipeline`` for SD 1.x / 2.x,
     ``StableDiffusionXLPipeline`` for SDXL), in ``dtype`` on ``device``, safety checker off,
-    drawing no progress bars of its own (loading or denoising: sdwb draws its own)."""
+    drawing no progress bars of its own (loading or denoising: sdwb draws its own).
+
+    ``lora``: an adapter spec (:mod:`sdwb.lora`) loaded at ``lora_scale`` -- projected onto the
+    pruned widths of a pruned variant, merged into the weights with ``fuse_lora``. What was applied
+    is ``pipe.sdwb_lora`` (None without one). A quantized variant is refused: its float weights are
+    gone, so the adapter must be fused before quantizing (``sdwb lora fuse``, then ``compress quantize``).
+    """
     quiet_library_progress()
-    pipe = _load_pipeline(spec, device, dtype)
+    adapter = None
+    if lora is not None:
+        from sdwb.lora import read_adapter
+
+        adapter = read_adapter(lora)  # checked before the model is loaded
+    pipe = _load_pipeline(spec, device, dtype, adapter, lora_scale, fuse_lora)
     pipe.set_progress_bar_config(disable=True)  # DiffusionPipeline: its denoising bar
     return pipe
 
 
-def _load_pipeline(spec: str, device: str, dtype: torch.dtype):
+def _load_pipeline(spec: str, device: str, dtype: torch.dtype, adapter=None, scale: float = 1.0,
+                   fuse: bool = False):
     if spec.startswith(BUILTIN_PREFIX) and get_builtin(spec).builder is not None:
         import importlib
 
         module, _, function = get_builtin(spec).builder.partition(":")
-        return getattr(importlib.import_module(module), function)(device=device, dtype=dtype)
+        pipe = getattr(importlib.import_module(module), function)(device=device, dtype=dtype)
+        return _with_lora(pipe, adapter, scale, fuse, None)
     path = resolve_spec(spec, "pipeline")
     cls = _check_pipeline_layout(path)
     verify_model(spec, path, "pipeline")  # hashes, pickle, symlinks, truncation (sdwb.verify)
+    record = _quantized_record(path)
+    if adapter is not None and record is not None:
+        raise SdwbError(f"{spec}: a quantized variant ({record.get('method')}) holds no float weights to "
+                        f"load a LoRA into; fuse it first (sdwb lora fuse --model <its parent> --lora "
+                        f"{adapter.spec} -o DIR), then quantize DIR")
     components = pruned_components(path)  # a pruned variant's UNet, rebuilt from its sdwb.json
     import diffusers
 
@@ -210,12 +229,24 @@ def _load_pipeline(spec: str, device: str, dtype: torch.dtype):
     from sdwb.inference import attach, for_spec
 
     attach(pipe, for_spec(str(path)))  # a distilled variant's steps / sampler / guidance
-    record = _quantized_record(path)
+    from sdwb.variants.kept import find_kept
+
+    _with_lora(pipe, adapter, scale, fuse, find_kept(read_record(path)) if adapter is not None else None)
     if record is not None:
         pipe = _requantize(pipe, path, record, device, dtype)
     elif device != "cpu":
         pipe = pipe.to(device)
     return _recache(pipe, path)
+
+
+def _with_lora(pipe, adapter, scale: float, fuse: bool, kept: dict | None):
+    """``pipe`` with ``adapter`` applied (or not); what was applied in ``pipe.sdwb_lora``."""
+    pipe.sdwb_lora = None
+    if adapter is not None:
+        from sdwb.lora import apply_lora
+
+        pipe.sdwb_lora = apply_lora(pipe, adapter, scale, fuse=fuse, kept=kept)
+    return pipe
 
 
 def _quantized_record(path: Path) -> dict | None:

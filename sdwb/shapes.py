@@ -65,6 +65,7 @@ EVAL_PROMPT_COUNT = 270  # every (colour, shape, position) combination appears 3
 _CENTERS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48), "center": (32, 32)}
 _RADIUS = {"small": 7.0, "large": 12.0}
 _SUPERSAMPLE = 4
+RING_HOLE = 0.55  # a ring's hole radius / its outer radius (sdwb.shapes_lora)
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,9 @@ def render(sample: ShapeSample) -> np.ndarray:
     dx, dy = x - cx, y - cy
     if sample.shape == "circle":
         mask = dx**2 + dy**2 <= r**2
+    elif sample.shape == "ring":  # not in the data set: what builtin:tiny-shapes-lora-ring teaches
+        ring = r * 1.1
+        mask = (dx**2 + dy**2 <= ring**2) & (dx**2 + dy**2 >= (ring * RING_HOLE) ** 2)
     elif sample.shape == "square":
         half = r * 0.9
         mask = (np.abs(dx) <= half) & (np.abs(dy) <= half)

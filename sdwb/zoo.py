@@ -14,6 +14,8 @@ from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
 TRAIN_COMMAND = "sdwb baseline train"
+LORA_COMMAND = ("sdwb lora train --model builtin:tiny-shapes -c configs/lora/tiny-shapes-ring.yaml "
+                "-o sdwb/assets/tiny-shapes-lora-ring")
 DISTILL_COMMAND = (
     "sdwb compress distill -c configs/distill/distill4.yaml --model builtin:tiny-shapes "
     "-o sdwb/assets/tiny-shapes-4step"
@@ -53,7 +55,8 @@ class BuiltinModel:
         """The file whose presence means the model is shipped (None for built-in-code models)."""
         if self.asset is None:
             return None
-        return "model_index.json" if self.kind == "pipeline" else "config.json"
+        return {"pipeline": "model_index.json", "lora": "pytorch_lora_weights.safetensors"}.get(self.kind,
+                                                                                               "config.json")
 
     def available(self) -> bool:
         """True when the model can be loaded now (its directory is shipped, or it is code)."""
@@ -87,6 +90,15 @@ _MODELS = (
         kind="pipeline",
         asset="tiny-shapes-4step",
         produced_by=DISTILL_COMMAND,
+    ),
+    BuiltinModel(
+        name="builtin:tiny-shapes-lora-ring",
+        description="LoRA adapter (UNet attention projections) for tiny-shapes that teaches a new shape, "
+        "rings, which its data never had (sdwb.shapes_lora); checked from the pixels",
+        quality_metrics=True,
+        kind="lora",
+        asset="tiny-shapes-lora-ring",
+        produced_by=LORA_COMMAND,
     ),
     BuiltinModel(
         name="builtin:sd15-arch",

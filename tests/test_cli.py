@@ -15,7 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "configs" / "recipes" / "baseline.yaml"
 BUILTINS = ("builtin:tiny-shapes", "builtin:shapes-judge", "builtin:sd15-arch", "builtin:tiny-shapes-4step",
-            "builtin:sdxl-arch")
+            "builtin:sdxl-arch", "builtin:tiny-shapes-lora-ring")
 
 
 def sdwb(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:

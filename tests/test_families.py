@@ -250,7 +250,8 @@ def test_family_table_and_detection():
     assert family_from_configs("StableDiffusionXLPipeline", {"cross_attention_dim": 2048}) is FAMILIES["sdxl"]
     rows = {r["family"]: r for r in support_table()}
     assert all(rows["SD 1.x"][v] and rows["SD 2.x"][v] for v in VERBS)
-    assert all(rows["SDXL"][v] for v in VERBS if v != "export tensorrt")
+    assert all(rows["SDXL"][v] for v in VERBS if v not in ("export tensorrt", "lora train"))
+    assert not rows["SDXL"]["lora train"]
     assert not rows["SDXL"]["export tensorrt"]
     assert require_family("builtin:sd15-arch", "export tensorrt") is FAMILIES["sd1"]
     with pytest.raises(SdwbError, match="export tensorrt: not supported for SDXL"):

@@ -60,7 +60,7 @@ def test_sd15_meta_pipeline_has_sd15_shapes():
 def test_zoo_lists_the_builtins():
     models = {m.name: m for m in zoo.list_models()}
     assert set(models) == {"builtin:tiny-shapes", "builtin:shapes-judge", "builtin:sd15-arch",
-                           "builtin:tiny-shapes-4step", "builtin:sdxl-arch"}
+                           "builtin:tiny-shapes-4step", "builtin:sdxl-arch", "builtin:tiny-shapes-lora-ring"}
     for name in ("builtin:sd15-arch", "builtin:sdxl-arch"):
         arch = models[name]
         assert arch.available() and not arch.quality_metrics and arch.location == "built in code"
@@ -72,6 +72,9 @@ def test_zoo_lists_the_builtins():
     four = models["builtin:tiny-shapes-4step"]
     assert four.kind == "pipeline" and four.location == str(zoo.assets_dir() / "tiny-shapes-4step")
     assert four.available() == (zoo.assets_dir() / "tiny-shapes-4step" / "model_index.json").is_file()
+    ring = models["builtin:tiny-shapes-lora-ring"]
+    assert ring.kind == "lora" and ring.marker == "pytorch_lora_weights.safetensors"
+    assert ring.available() == (zoo.assets_dir() / "tiny-shapes-lora-ring" / ring.marker).is_file()
 
 
 def test_unshipped_builtins_raise_with_train_hint(monkeypatch, tmp_path):

@@ -60,9 +60,11 @@ from sdwb.app.compress_cli import compress_app  # noqa: E402
 from sdwb.app.edit_cli import edit_command  # noqa: E402
 from sdwb.app.export_cli import export_app  # noqa: E402
 from sdwb.app.gate_cli import gate_command  # noqa: E402
+from sdwb.app.lora_cli import lora_app  # noqa: E402
 from sdwb.app.report_cli import report_command  # noqa: E402
 
 app.add_typer(compress_app, name="compress")
+app.add_typer(lora_app, name="lora", short_help="LoRA adapters: train one, fuse one into a model.")
 app.add_typer(export_app, name="export",
               short_help="Export to ONNX or OpenVINO IR, or build TensorRT engines.")
 # short_help: the one line `sdwb --help` lists (click would cut the first sentence mid-way at 80 columns)
@@ -151,7 +153,8 @@ def models(
     rows = [
         {
             "name": m.name,
-            "family": FAMILIES[m.family].label if m.kind == "pipeline" else None,
+            "family": FAMILIES[m.family].label if m.kind in ("pipeline", "lora") else None,
+            "kind": m.kind,
             "description": m.description,
             "quality_metrics": bool(m.quality_metrics),
             "available": bool(m.available()),
@@ -256,6 +259,13 @@ def generate(
         ),
     ] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
+    lora: Annotated[
+        Optional[str], typer.Option(help="torch backend: a LoRA adapter (builtin:NAME, a dir or "
+                                    ".safetensors) loaded unfused; projected onto a pruned model's widths.")
+    ] = None,
+    lora_scale: Annotated[
+        float, typer.Option(min=0.0, max=4.0, help="LoRA strength (1.0: as trained).")
+    ] = 1.0,
     config: Annotated[
         Optional[Path], typer.Option("--config", "-c", help="Recipe YAML; flags override it.")
     ] = None,
@@ -293,6 +303,9 @@ def generate(
         from sdwb.backends.registry import backend_for
 
         backend = backend_for(recipe.model)
+    if lora is not None and backend != "torch":
+        raise SdwbError(f"--lora: the {backend} backend runs a fixed graph; fuse the LoRA into the model it "
+                        "was made from (sdwb lora fuse), then export or quantize the result")
     output = check_writable_file(output, IMAGE_SUFFIXES)
     check_sidecar(output.with_suffix(".json"), output, overwrite)
     device = _resolve_device(device)
@@ -313,7 +326,8 @@ def generate(
 
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[g.dtype]
         with _console().status(f"loading {recipe.model}", spinner="dots"):
-            pipe = load_pipeline(recipe.model, device=device, dtype=torch_dtype)
+            pipe = load_pipeline(recipe.model, device=device, dtype=torch_dtype, lora=lora,
+                                 lora_scale=lora_scale)
         if compiled:
             from sdwb.torch_compile import compile_unet
 
@@ -330,6 +344,7 @@ def generate(
         "backend": backend,
         "device": device,
         "compile": compiled,
+        "lora": getattr(pipe, "sdwb_lora", None) if backend == "torch" else None,
         "output": str(output),
         "images": [{"prompt": p, "seed": g.seed + k, "file": f}
                    for k, (p, f) in enumerate(zip(prompts, files))],
@@ -468,7 +483,9 @@ def run(
     left = f", {counts['pending']} left for later" if counts["pending"] else ""
     typer.echo(f"recipe {recipe.name}: {counts['ran']} stage(s) ran, {counts['cached']} reused{left}; "
                f"record in {result.run_dir / 'run.json'}")
-    final = [p for p in result.stages if p.kind in ("prune", "distill", "quantize", "cache", "export")]
+    from sdwb.app.recipe_schema import MODEL_STAGES
+
+    final = [p for p in result.stages if p.kind in MODEL_STAGES]
     if final and final[-1].done:
         typer.echo(f"model: {final[-1].out}")
     report = result.report()

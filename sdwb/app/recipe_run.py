@@ -52,6 +52,7 @@ _DONE_MARKERS = {
     "distill": "sdwb.json",
     "quantize": "sdwb.json",
     "cache": "sdwb.json",
+    "lora": "sdwb.json",
     "export": "manifest.json",
     "bench": "results.json",
     "report": "report.html",
@@ -407,6 +408,12 @@ def _run_cache(p, recipe, *, progress, say, command) -> None:
     make_cache_variant(p.input, p.stage.cache_config(), p.out, say=say)
 
 
+def _run_lora(p, recipe, *, progress, say, command) -> None:
+    from compress.lora_fuse import fuse_variant
+
+    fuse_variant(p.input, p.stage.lora, p.out, scale=p.stage.scale, say=say)
+
+
 def _run_export(p, recipe, *, progress, say, command) -> None:
     from export.onnx import export_onnx
 
@@ -486,6 +493,7 @@ EXECUTORS: dict[str, Callable] = {
     "distill": _run_distill,
     "quantize": _run_quantize,
     "cache": _run_cache,
+    "lora": _run_lora,
     "export": _run_export,
     "generate": _run_generate,
     "bench": _run_bench,

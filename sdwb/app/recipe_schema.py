@@ -165,6 +165,29 @@ class CacheStage(_Section):
         return {**head, **resolved(self.cache_config())}
 
 
+class LoraStage(_Section):
+    """Fuse a LoRA adapter into the current model, as ``sdwb lora fuse`` does: the later stages
+    (quantize, export, distill, bench) then work on float weights that hold it (the fused route).
+    The adapter's sha256 is part of the stage's resolved config, so a changed adapter is a new stage."""
+
+    kind: Literal["lora"]
+    name: str | None = _stage_name()
+    lora: str = Field(min_length=1, description="builtin:NAME, a LoRA directory or .safetensors file")
+    scale: float = Field(1.0, ge=0.0, le=4.0, description="LoRA strength (1.0: as trained)")
+
+    @model_serializer(mode="wrap")
+    def _with_hash(self, handler):
+        from sdwb.hash_cache import sha256_cached
+        from sdwb.lora import resolve_adapter
+
+        data = handler(self)
+        try:
+            data["sha256"] = sha256_cached(resolve_adapter(self.lora))
+        except SdwbError:
+            data["sha256"] = None  # missing: the stage itself fails with the loader's one-line error
+        return data
+
+
 class ExportStage(_Section):
     """Export the current model to ONNX and validate it against PyTorch, as ``sdwb export onnx``."""
 
@@ -207,11 +230,11 @@ class ReportStage(_Section):
 
 # Every stage type, one model each, told apart by ``kind``.
 STAGE_TYPES: tuple[type[BaseModel], ...] = (GenerateStage, PruneStage, DistillStage, QuantizeStage,
-                                            CacheStage, ExportStage, BenchStage, ReportStage)
+                                            CacheStage, LoraStage, ExportStage, BenchStage, ReportStage)
 Stage = Annotated[Union[STAGE_TYPES], Field(discriminator="kind")]
 
 # Stages whose output is a model the next stages take as their input.
-MODEL_STAGES = ("prune", "distill", "quantize", "cache", "export")
+MODEL_STAGES = ("prune", "distill", "quantize", "cache", "lora", "export")
 
 
 def stage_name(stage: BaseModel) -> str:

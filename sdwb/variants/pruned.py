@@ -25,8 +25,9 @@ from sdwb.errors import SdwbError
 FORMAT = "sdwb-pruned-unet"
 
 
-def describe(unet) -> dict:
-    """The architecture record of ``unet``: removed blocks, attention heads, every tensor's shape."""
+def describe(unet, kept: dict | None = None) -> dict:
+    """The architecture record of ``unet``: removed blocks, attention heads, every tensor's shape, and
+    (``kept``, :func:`sdwb.variants.kept.trace_kept`) the rows / columns each resized Linear kept."""
     from diffusers.models.attention_processor import Attention
 
     from sdwb.variants.unet_blocks import removed_blocks
@@ -38,6 +39,7 @@ def describe(unet) -> dict:
         "removed": removed_blocks(unet),
         "heads": {name: int(m.heads) for name, m in unet.named_modules() if isinstance(m, Attention)},
         "shapes": {k: list(v.shape) for k, v in unet.state_dict().items()},
+        **({"kept": kept} if kept is not None else {}),
     }
 
 

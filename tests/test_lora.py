@@ -1,0 +1,311 @@
+"""LoRA adapters (sdwb.lora, sdwb lora train / fuse, --lora): what an adapter does must survive
+every route exactly where the maths says it does, and every wrong input is one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compress.prune import prune
+from compress.prune_config import parse_prune_config
+from sdwb.errors import SdwbError
+from sdwb.lora import WEIGHTS_NAME, read_adapter
+from sdwb.variants.kept import trace_kept
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    text = str(exc.value)
+    assert text and "\n" not in text
+    return text
+
+
+def unet_out(unet) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    args = {"sample": torch.randn(2, 4, 16, 16, generator=gen), "timestep": torch.tensor([500, 20]),
+            "encoder_hidden_states": torch.randn(2, 32, 32, generator=gen)}
+    with torch.no_grad():
+        return unet(**args).sample
+
+
+def write_adapter(pipe_dir, out, *, zero_b: bool, seed: int = 0):
+    """A rank-4 adapter for the tiny pipeline's attention projections, saved as diffusers does."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from sdwb.loading import load_pipeline
+
+    unet = load_pipeline(str(pipe_dir)).unet
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=TARGETS))
+    state = get_peft_model_state_dict(unet)
+    for key, tensor in state.items():
+        if "lora_B" in key:
+            tensor.zero_() if zero_b else tensor.normal_(0, 0.2)
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=state, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_pipeline_dir):
+    return str(tiny_pipeline_dir)
+
+
+@pytest.fixture(scope="module")
+def zero_lora(tiny, tmp_path_factory):
+    return str(write_adapter(tiny, tmp_path_factory.mktemp("lora") / "zero", zero_b=True))
+
+
+@pytest.fixture(scope="module")
+def lora(tiny, tmp_path_factory):
+    return str(write_adapter(tiny, tmp_path_factory.mktemp("lora") / "random", zero_b=False))
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny, tmp_path_factory):
+    """The tiny pipeline pruned at 0.5 (magnitude channels + heads, no recovery): its weights are slices."""
+    out = tmp_path_factory.mktemp("prune") / "p50"
+    prune(tiny, parse_prune_config({"ratio": 0.5}, "test"), out)
+    return str(out)
+
+
+# --------------------------------------------------------------------------- the kept channels
+
+
+def test_trace_kept_recovers_the_selected_rows_and_columns():
+    torch.manual_seed(0)
+    parent = nn.Sequential(nn.Linear(12, 10))
+    rows, cols = [0, 3, 4, 9], [1, 2, 5, 7, 11]
+    child = nn.Sequential(nn.Linear(len(cols), len(rows)))
+    with torch.no_grad():
+        child[0].weight.copy_(parent[0].weight[rows][:, cols])
+    traced = trace_kept(parent, child)
+    assert traced == {"layers": {"0": {"out": rows, "in": cols}}, "untraced": []}
+    with torch.no_grad():  # not a slice of the parent any more (as after recovery): not guessed
+        child[0].weight.add_(1.0)
+    assert trace_kept(parent, child) == {"layers": {}, "untraced": ["0"]}
+
+
+def test_prune_records_the_kept_channels_of_every_resized_linear(pruned):
+    from sdwb.loading import load_pipeline
+    from sdwb.variants.kept import find_kept
+    from sdwb.variants.record import read_record
+
+    kept = find_kept(read_record(pruned))
+    unet = load_pipeline(pruned).unet
+    resized = {n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and n in kept}
+    assert resized and any(n.endswith("to_q") for n in resized)
+    for name in resized:
+        layer = dict(unet.named_modules())[name]
+        if "in" in kept[name]:
+            assert len(kept[name]["in"]) == layer.in_features
+        if "out" in kept[name]:
+            assert len(kept[name]["out"]) == layer.out_features
+
+
+# --------------------------------------------------------------------------- zero B: every route exact
+
+
+def test_zero_b_lora_reproduces_the_base_model_through_every_torch_route(tiny, pruned, zero_lora, tmp_path):
+    from compress.lora_fuse import fuse_variant
+    from compress.quantize import quantize
+    from sdwb.loading import load_pipeline
+    from sdwb.quant.config import parse_quant_config
+
+    for model in (tiny, pruned):
+        base = unet_out(load_pipeline(model).unet)
+        unfused = load_pipeline(model, lora=zero_lora)
+        assert unfused.sdwb_lora["route"] == "unfused" and unfused.sdwb_lora["pairs_dropped"] == 0
+        assert torch.equal(unet_out(unfused.unet), base)
+        assert torch.equal(unet_out(load_pipeline(model, lora=zero_lora, fuse_lora=True).unet), base)
+        fused_dir = tmp_path / f"fused-{len(str(model))}"
+        fuse_variant(model, zero_lora, fused_dir)
+        assert torch.equal(unet_out(load_pipeline(str(fused_dir)).unet), base)
+    config = parse_quant_config({"method": "torch-int8-dynamic", "guard": {"prompts": 2, "steps": 3}}, "test")
+    plain = quantize(tiny, config, tmp_path / "q-plain")
+    fused_q = quantize(str(tmp_path / f"fused-{len(str(tiny))}"), config, tmp_path / "q-fused")
+    quantized = [unet_out(load_pipeline(str(v.path)).unet) for v in (fused_q, plain)]
+    assert torch.equal(quantized[0], quantized[1])
+
+
+@pytest.mark.slow
+def test_zero_b_lora_fused_export_matches_the_base_export(tiny, zero_lora, tiny_onnx_dir, tmp_path):
+    from compress.lora_fuse import fuse_variant
+    from export.onnx import export_onnx
+    from sdwb.backends.onnxruntime import OrtStableDiffusionPipeline
+
+    fuse_variant(tiny, zero_lora, tmp_path / "fused")
+    export_onnx(str(tmp_path / "fused"), tmp_path / "onnx")
+    gen = torch.Generator().manual_seed(0)
+    feed = {"sample": torch.randn(1, 4, 16, 16, generator=gen), "timestep": torch.tensor([500]),
+            "encoder_hidden_states": torch.randn(1, 32, 32, generator=gen)}
+    outs = [OrtStableDiffusionPipeline.from_export(d, threads=1).run_component("unet", **feed)
+            for d in (tiny_onnx_dir, tmp_path / "onnx")]
+    assert torch.equal(outs[0], outs[1])
+
+
+# --------------------------------------------------------------------------- pruning: the projection
+
+
+def test_projected_lora_on_the_pruned_model_equals_pruning_the_fused_weights(tiny, pruned, lora):
+    from sdwb.loading import load_pipeline
+    from sdwb.variants.kept import find_kept
+    from sdwb.variants.record import read_record
+
+    kept = find_kept(read_record(pruned))
+    fused = dict(load_pipeline(tiny, lora=lora, fuse_lora=True).unet.named_modules())
+    with_lora = load_pipeline(pruned, lora=lora)  # unfused, projected at load
+    expected = load_pipeline(pruned).unet  # rebuilt: pruned shapes; weights set to prune(fused) below
+    with torch.no_grad():
+        for name, layer in expected.named_modules():
+            if isinstance(layer, nn.Linear) and name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0") \
+                    and "attn" in name:
+                w = fused[name].weight
+                rows = kept.get(name, {})
+                w = w[rows["out"]] if "out" in rows else w
+                w = w[:, rows["in"]] if "in" in rows else w
+                layer.weight.copy_(w)
+    got, want = unet_out(with_lora.unet), unet_out(expected)
+    assert not torch.equal(got, unet_out(load_pipeline(pruned).unet))  # the adapter does something
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_pruned_model_without_recorded_channels_refuses_the_adapter(pruned, lora, tmp_path):
+    import shutil
+
+    from sdwb.loading import load_pipeline
+    from sdwb.variants.record import RECORD
+
+    old = tmp_path / "old-prune"
+    shutil.copytree(pruned, old)
+    record = json.loads((old / RECORD).read_text())
+    record["architecture"].pop("kept")
+    (old / RECORD).write_text(json.dumps(record))
+    with pytest.raises(SdwbError) as exc:
+        load_pipeline(str(old), lora=lora)
+    assert "re-run the prune" in one_line(exc)
+
+
+# --------------------------------------------------------------------------- quantization, fusing
+
+
+def test_fused_then_quantized_variant_reloads_and_generates(tiny, lora, tmp_path):
+    from compress.lora_fuse import fuse_variant
+    from compress.quantize import quantize
+    from sdwb.generate import generate
+    from sdwb.loading import load_pipeline
+    from sdwb.quant.config import parse_quant_config
+
+    record = fuse_variant(tiny, lora, tmp_path / "fused", scale=0.5)
+    assert record["stage"] == "lora" and record["lora"]["scale"] == 0.5
+    assert record["lora"]["sha256"] == read_adapter(lora).sha256
+    config = parse_quant_config({"method": "torch-int8-dynamic", "guard": {"prompts": 2, "steps": 3}}, "test")
+    variant = quantize(str(tmp_path / "fused"), config, tmp_path / "int8")
+    pipe = load_pipeline(str(variant.path))
+    image = np.asarray(generate(pipe, ["a small red circle at the top on a gray background"], steps=2,
+                                progress=False)[0])
+    assert image.shape == (32, 32, 3) and image.std() > 0
+    with pytest.raises(SdwbError) as exc:  # the float weights are gone: fuse before quantizing
+        load_pipeline(str(variant.path), lora=lora)
+    assert "fuse it first" in one_line(exc)
+
+
+def test_unfused_and_fused_loading_agree_and_scale_zero_is_the_base(tiny, lora):
+    from sdwb.loading import load_pipeline
+
+    base = unet_out(load_pipeline(tiny).unet)
+    unfused = unet_out(load_pipeline(tiny, lora=lora, lora_scale=0.7).unet)
+    fused = unet_out(load_pipeline(tiny, lora=lora, lora_scale=0.7, fuse_lora=True).unet)
+    assert not torch.allclose(unfused, base, atol=1e-4)
+    torch.testing.assert_close(unfused, fused, rtol=1e-4, atol=1e-5)
+    assert torch.equal(unet_out(load_pipeline(tiny, lora=lora, lora_scale=0.0).unet), base)
+
+
+# --------------------------------------------------------------------------- lora train
+
+
+def test_lora_train_lowers_its_loss_and_the_adapter_loads_in_plain_diffusers(tiny, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from sdwb.loading import load_pipeline
+    from sdwb.train.lora import LoraTrainConfig, train_lora
+
+    out = tmp_path / "trained"
+    cfg = LoraTrainConfig(rank=2, steps=30, batch=8, latent_pool=32, warmup=0, lr=5e-3)
+    record = train_lora(tiny, cfg, out, progress=False)
+    assert (out / WEIGHTS_NAME).is_file() and not (out.with_name("trained.work")).exists()
+    assert record["sha256"] == read_adapter(str(out)).sha256
+    assert record["base"]["unet_weights"]  # which weights it was trained on, by hash
+    plain = StableDiffusionPipeline.from_pretrained(tiny, safety_checker=None, requires_safety_checker=False)
+    base = unet_out(plain.unet)
+    plain.load_lora_weights(str(out))
+    ours = load_pipeline(tiny, lora=str(out))
+    assert not torch.allclose(unet_out(plain.unet), base, atol=1e-5)  # trained: B is no longer zero
+    torch.testing.assert_close(unet_out(plain.unet), unet_out(ours.unet), rtol=1e-5, atol=1e-6)
+
+
+def test_lora_train_loss_falls(tiny, tmp_path):
+    from sdwb.train.lora import LoraTrainConfig, train_lora
+
+    first = train_lora(tiny, LoraTrainConfig(rank=4, steps=2, batch=8, latent_pool=32, warmup=0, lr=5e-3),
+                       tmp_path / "a", progress=False)
+    longer = train_lora(tiny, LoraTrainConfig(rank=4, steps=60, batch=8, latent_pool=32, warmup=0, lr=5e-3),
+                        tmp_path / "b", progress=False)
+    assert longer["metrics"]["final_loss_smoothed"] < first["metrics"]["final_loss_smoothed"]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_adapters_are_one_line_errors(tiny, lora, tmp_path):
+    from safetensors.torch import save_file
+
+    from sdwb.loading import load_pipeline
+
+    cases = {}
+    cases["missing"] = str(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    cases["no weights file"] = str(tmp_path / "empty")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / WEIGHTS_NAME).write_bytes(b"\x00" * 64)
+    cases["corrupt"] = str(tmp_path / "corrupt")
+    (tmp_path / "foreign").mkdir()
+    save_file({"model.layer.weight": torch.zeros(2, 2)}, tmp_path / "foreign" / WEIGHTS_NAME)
+    cases["not a LoRA"] = str(tmp_path / "foreign")
+    (tmp_path / "half").mkdir()
+    state = read_adapter(lora).state
+    save_file({k: v for k, v in state.items() if "lora_A" in k}, tmp_path / "half" / WEIGHTS_NAME)
+    cases["A without B"] = str(tmp_path / "half")
+    (tmp_path / "nan").mkdir()
+    save_file({k: v.clone().fill_(float("nan")) for k, v in state.items()}, tmp_path / "nan" / WEIGHTS_NAME)
+    cases["NaN"] = str(tmp_path / "nan")
+    cases["builtin that is not a LoRA"] = "builtin:tiny-shapes"
+    for what, spec in cases.items():
+        with pytest.raises(SdwbError) as exc:
+            load_pipeline(tiny, lora=spec)
+        assert one_line(exc), what
+
+
+def test_an_adapter_for_another_architecture_is_refused(lora):
+    from sdwb.loading import load_pipeline
+
+    with pytest.raises(SdwbError) as exc:
+        load_pipeline("builtin:tiny-shapes", lora=lora)
+    assert "another architecture" in one_line(exc) or "does not have" in one_line(exc)
+
+
+def test_cli_lora_on_an_export_is_refused_before_work(tiny_onnx_dir, lora, tmp_path, capsys):
+    from sdwb.app import cli
+
+    out = tmp_path / "x.png"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "-m", str(tiny_onnx_dir), "-p", "a red circle", "-o", str(out), "--lora", lora])
+    err = capsys.readouterr().err
+    assert info.value.code != 0 and "fuse the LoRA" in err and not out.exists()
+    assert "Traceback" not in err
