@@ -164,7 +164,7 @@ def _prepare_work(work: Path, config: PruneConfig, fingerprint: str | None) -> N
     prepare_work_dir(work, {"config": resolved(config), "source": fingerprint}, "pruning")
 
 
-def _save_pruned(unet, summary: dict, directory: Path) -> None:
+def _save_pruned(unet, summary: dict, directory: Path, kept: dict) -> None:
     """The pruned UNet before recovery (architecture + safetensors), written atomically."""
     from safetensors.torch import save_file
 
@@ -174,7 +174,7 @@ def _save_pruned(unet, summary: dict, directory: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
-    (tmp / "architecture.json").write_text(json.dumps(describe(unet)))
+    (tmp / "architecture.json").write_text(json.dumps(describe(unet, kept)))
     (tmp / "summary.json").write_text(json.dumps(summary))
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
@@ -188,7 +188,7 @@ def _load_pruned(teacher, directory: Path):
     architecture = json.loads((directory / "architecture.json").read_text())
     state = load_file(directory / "unet.safetensors")
     unet = build_unet(dict(teacher.config), architecture, state, source=str(directory))
-    return unet, json.loads((directory / "summary.json").read_text())
+    return unet, json.loads((directory / "summary.json").read_text()), architecture.get("kept")
 
 
 def _apply(student, config: PruneConfig, pipe, data, say) -> dict:
@@ -224,7 +224,7 @@ def prune(
     from compress.variant_io import write_float_variant
     from sdwb.macs import MACS_COUNTER, unet_example_inputs, unet_macs
     from sdwb.train.common import is_main_process, main_process_first, wait_for_everyone
-    from sdwb.variants.kept import trace_kept
+    from sdwb.variants.kept import recording
 
     main = is_main_process()  # under accelerate launch: the process that writes and reports
     if config.finetune.steps > 0:  # a recovery batch N processes cannot share: refused before any work
@@ -263,13 +263,14 @@ def prune(
     try:
         if work is not None and (work / PRUNED_DIR / "architecture.json").is_file():
             say(f"resuming from {work / PRUNED_DIR}")
-            student, summary = _load_pruned(teacher, work / PRUNED_DIR)
+            student, summary, kept = _load_pruned(teacher, work / PRUNED_DIR)
         else:
             student = copy.deepcopy(teacher)
-            summary = _apply(student, config, pipe, data, say)
+            with recording(student) as layers:  # the rows / columns every Linear keeps (LoRA projection)
+                summary = _apply(student, config, pipe, data, say)
+            kept = {"layers": layers}
             if work is not None and config.finetune.steps > 0 and main:
-                _save_pruned(student, summary, work / PRUNED_DIR)
-        kept = trace_kept(teacher, student)  # before recovery: the pruned weights are still slices
+                _save_pruned(student, summary, work / PRUNED_DIR, kept)
         prune_seconds = time.perf_counter() - started
         recovery = None
         if config.finetune.steps > 0:

@@ -92,6 +92,10 @@ def read_adapter(spec: str) -> Adapter:
     from sdwb.verify import check_safetensors
 
     path = resolve_adapter(spec)
+    if spec.startswith("builtin:"):  # a shipped adapter is held to its sdwb-files.json
+        from sdwb.verify import verify_builtin
+
+        verify_builtin(spec, path.parent)
     check_safetensors(path)
     try:
         state = load_file(path)

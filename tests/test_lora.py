@@ -14,7 +14,6 @@ from compress.prune import prune
 from compress.prune_config import parse_prune_config
 from sdwb.errors import SdwbError
 from sdwb.lora import WEIGHTS_NAME, read_adapter
-from sdwb.variants.kept import trace_kept
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -78,18 +77,23 @@ def pruned(tiny, tmp_path_factory):
 # --------------------------------------------------------------------------- the kept channels
 
 
-def test_trace_kept_recovers_the_selected_rows_and_columns():
+def test_recording_composes_the_kept_indices_of_every_slice():
+    import torch_pruning as tp
+
+    from sdwb.variants.kept import recording
+
     torch.manual_seed(0)
     parent = nn.Sequential(nn.Linear(12, 10))
-    rows, cols = [0, 3, 4, 9], [1, 2, 5, 7, 11]
-    child = nn.Sequential(nn.Linear(len(cols), len(rows)))
-    with torch.no_grad():
-        child[0].weight.copy_(parent[0].weight[rows][:, cols])
-    traced = trace_kept(parent, child)
-    assert traced == {"layers": {"0": {"out": rows, "in": cols}}, "untraced": []}
-    with torch.no_grad():  # not a slice of the parent any more (as after recovery): not guessed
-        child[0].weight.add_(1.0)
-    assert trace_kept(parent, child) == {"layers": {}, "untraced": ["0"]}
+    weight = parent[0].weight.detach().clone()
+    with recording(parent) as kept:
+        tp.prune_linear_out_channels(parent[0], [1, 2])  # rows 0, 3..9 left
+        tp.prune_linear_out_channels(parent[0], [1])  # of those, the second (row 3) goes
+        tp.prune_linear_in_channels(parent[0], [0, 11])
+    rows, cols = [0, 4, 5, 6, 7, 8, 9], list(range(1, 11))
+    assert kept == {"0": {"out": rows, "in": cols}}
+    assert torch.equal(parent[0].weight, weight[rows][:, cols])
+    tp.prune_linear_in_channels(parent[0], [0])  # outside the block: not recorded
+    assert kept["0"]["in"] == cols
 
 
 def test_prune_records_the_kept_channels_of_every_resized_linear(pruned):
@@ -107,6 +111,24 @@ def test_prune_records_the_kept_channels_of_every_resized_linear(pruned):
             assert len(kept[name]["in"]) == layer.in_features
         if "out" in kept[name]:
             assert len(kept[name]["out"]) == layer.out_features
+
+
+def test_the_kept_channels_of_the_fp16_stored_tiny_shapes_are_recorded(tmp_path):
+    """builtin:tiny-shapes stores fp16 weights, whose values repeat: the record must not depend on them."""
+    from sdwb.loading import load_pipeline
+    from sdwb.variants.kept import find_kept
+    from sdwb.variants.record import read_record
+
+    parent = dict(load_pipeline("builtin:tiny-shapes").unet.named_modules())
+    prune("builtin:tiny-shapes", parse_prune_config({"ratio": 0.3}, "test"), tmp_path / "p")
+    kept = find_kept(read_record(tmp_path / "p"))
+    child = dict(load_pipeline(str(tmp_path / "p")).unet.named_modules())
+    assert any(name.endswith("to_q") for name in kept)
+    for name, rows in kept.items():
+        w = parent[name].weight
+        w = w[rows["out"]] if "out" in rows else w
+        w = w[:, rows["in"]] if "in" in rows else w
+        assert torch.equal(w, child[name].weight), name  # no recovery: the pruned weight is that slice
 
 
 # --------------------------------------------------------------------------- zero B: every route exact

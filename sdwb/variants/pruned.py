@@ -27,7 +27,7 @@ FORMAT = "sdwb-pruned-unet"
 
 def describe(unet, kept: dict | None = None) -> dict:
     """The architecture record of ``unet``: removed blocks, attention heads, every tensor's shape, and
-    (``kept``, :func:`sdwb.variants.kept.trace_kept`) the rows / columns each resized Linear kept."""
+    (``kept``, :func:`sdwb.variants.kept.recording`) the rows / columns each resized Linear kept."""
     from diffusers.models.attention_processor import Attention
 
     from sdwb.variants.unet_blocks import removed_blocks
