@@ -413,8 +413,27 @@ def _variant_columns(s: Scenario, directory: Path | None, files: list[Path] | No
 
     if files is None and directory is not None and directory.is_dir():
         files = weight_files(directory)
-    return row_fields(directory, files, backend=s.backend, dtype=s.dtype,
-                      compile_mode=s.compile_mode if s.compile else None)
+    row = row_fields(directory, files, backend=s.backend, dtype=s.dtype,
+                     compile_mode=s.compile_mode if s.compile else None)
+    return {**row, **identity_columns(directory, files)}
+
+
+def identity_columns(directory: Path | None, files: list[Path] | None) -> dict[str, Any]:
+    """Which weights a row measured: ``weights_sha256`` (one digest of its weight files, the files
+    ``size_mb`` counts; "built in code" for sd15-arch / sdxl-arch) and ``lineage`` (each ancestor in
+    its records, newest first: ``stage method <- spec [digest of the files it recorded]``)."""
+    from sdwb.variants.files import record_digest, weights_digest
+    from sdwb.variants.record import ancestry, read_record
+
+    if directory is None or not files:
+        return {"weights_sha256": "built in code" if directory is None else None, "lineage": None}
+    lineage = []
+    for record in ancestry(read_record(directory) if directory.is_dir() else None):
+        parent = (record.get("parent") or {}).get("spec")
+        digest = record_digest(record)
+        lineage.append(f"{record.get('stage')} {record.get('method')} <- {parent}"
+                       + (f" [{digest[:12]}]" if digest else ""))
+    return {"weights_sha256": weights_digest(directory, files), "lineage": " | ".join(lineage) or None}
 
 
 def _check_compilable(scenarios: list[Scenario]) -> None:

@@ -431,6 +431,19 @@ def edit_table(ctx: _Context) -> Table | None:
     return _with_source(Table("Editing (builtin:shapes-edit)", header, body, {0}, {0}), ctx)
 
 
+def weights_table(ctx: _Context) -> Table | None:
+    """Which weights each row measured (``weights_sha256``, ``lineage``), when the results record it."""
+    if not any(isinstance(r.get("weights_sha256"), str) for r in ctx.rows):
+        return None
+    def short(value) -> str:
+        return str(value)[:16] if isinstance(value, str) else MISSING
+
+    body = [[_variant_cell(row, base, len(ctx.rows)), short(row.get("weights_sha256")),
+             _text(row.get("lineage")), short(row.get("lora_sha256"))] for row, base in zip(ctx.rows, ctx.bases)]
+    return _with_source(Table("Weights measured", ["variant", "weights sha256", "made by (newest first)",
+                                                   "LoRA sha256"], body, {0, 2}, {2}), ctx)
+
+
 def limits_text(config, origin: str) -> str:
     """The thresholds and interval settings the verdict used, as one sentence."""
     t, st = config.thresholds, config.statistics
@@ -943,7 +956,8 @@ def render_report(results_paths: list[Path], out_dir: Path, n_images: int = GRID
     incomplete = _incomplete_text(sources)
     page = _Page("# sd-workbench benchmark report" + (" (INCOMPLETE)" if incomplete else ""), sources,
                  verdicts(ctx, config), limits_text(config, origin),
-                 (speed_quality_table(ctx), cost_table(ctx), *filter(None, [edit_table(ctx)])), row_notes(df))
+                 (speed_quality_table(ctx), cost_table(ctx),
+                  *filter(None, [edit_table(ctx), weights_table(ctx)])), row_notes(df))
     figures: dict[str, bytes] = {}
     for title, make in (("Latency", latency_figure), ("Quality vs latency (Pareto)", pareto_figure),
                         ("Memory and size", memory_figure)):

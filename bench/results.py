@@ -109,6 +109,21 @@ def git_revision(root: Path | None = None) -> str | None:
         return None
 
 
+def git_diff_sha256(root: Path | None = None) -> str | None:
+    """sha256 of ``git diff HEAD`` (tracked files) when the checkout is dirty, else None: a ``-dirty``
+    revision then still names the exact code that ran (two runs with the same digest ran the same)."""
+    root = root or Path(__file__).resolve().parent.parent
+    try:
+        diff = subprocess.run(["git", "diff", "HEAD", "--binary"], cwd=root, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if diff.returncode != 0 or not diff.stdout:
+        return None
+    import hashlib
+
+    return hashlib.sha256(diff.stdout).hexdigest()
+
+
 def _version(name: str) -> str | None:
     from importlib import metadata
 
@@ -141,6 +156,7 @@ def environment() -> dict[str, Any]:
     return {
         "sdwb": __version__,
         "git_revision": git_revision(),
+        "git_diff_sha256": git_diff_sha256(),
         "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "python": platform.python_version(),

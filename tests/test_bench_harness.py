@@ -430,6 +430,11 @@ def test_sdwb_bench_end_to_end(tmp_path, tiny_pipeline_dir, judge_dir, monkeypat
     assert pd.isna(df.loc["bf16", "peak_rss_mb"])  # memory not requested for bf16
     assert df.loc["fp32", "size_mb"] > 0 and pd.isna(df.loc["arch", "size_mb"])
     assert all(pd.isna(df.loc["arch", c]) for c in QUALITY_COLUMNS)
+    from sdwb.variants.files import weight_files, weights_digest  # which weights each row measured
+
+    digest = weights_digest(tiny_pipeline_dir, weight_files(tiny_pipeline_dir))
+    assert df.loc["fp32", "weights_sha256"] == df.loc["bf16", "weights_sha256"] == digest
+    assert df.loc["arch", "weights_sha256"] == "built in code"
     data = json.loads((out / "results.json").read_text())
     assert data["complete"] and not (out / "results.partial.json").exists()
     assert (out / "config.resolved.yaml").is_file() and data["environment"]["libraries"]["torch"]

@@ -236,6 +236,12 @@ def test_fused_then_quantized_variant_reloads_and_generates(tiny, lora, tmp_path
     with pytest.raises(SdwbError) as exc:  # the float weights are gone: fuse before quantizing
         load_pipeline(str(variant.path), lora=lora)
     assert "fuse it first" in one_line(exc)
+    from bench.harness import identity_columns  # a results row names the chain that made it
+    from sdwb.variants.files import weight_files
+
+    columns = identity_columns(variant.path, weight_files(variant.path))
+    stages = [part.split(" <- ")[0] for part in columns["lineage"].split(" | ")]
+    assert stages == ["quantize torch-int8-dynamic", "lora fuse"] and len(columns["weights_sha256"]) == 64
 
 
 def test_unfused_and_fused_loading_agree_and_scale_zero_is_the_base(tiny, lora):

@@ -80,3 +80,31 @@ def weight_files(directory: Path) -> list[Path]:
 def weights_mb(path: Path) -> float:
     """MB of the weight files under ``path`` (what "size on disk" means in records and results)."""
     return sum(f.stat().st_size for f in weight_files(path)) / MB
+
+
+def weights_digest(root: Path, files: Iterable[Path]) -> str:
+    """One sha256 naming a model's weights: over the sorted ``relative path:sha256`` lines of
+    ``files`` (cached per file, :mod:`sdwb.hash_cache`), so two results name the same weights exactly
+    when their files are byte for byte the same."""
+    import hashlib
+
+    from sdwb.hash_cache import sha256_cached
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(f) for f in files):
+        digest.update(f"{path.relative_to(root).as_posix()}:{sha256_cached(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def record_digest(record: dict) -> str | None:
+    """The same digest from a variant record's own ``files`` hashes (no file is read), or None."""
+    import hashlib
+
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not files:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        entry = files[name]
+        digest.update(f"{name}:{entry.get('sha256') if isinstance(entry, dict) else entry}\n".encode())
+    return digest.hexdigest()
