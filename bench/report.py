@@ -439,7 +439,8 @@ def weights_table(ctx: _Context) -> Table | None:
         return str(value)[:16] if isinstance(value, str) else MISSING
 
     body = [[_variant_cell(row, base, len(ctx.rows)), short(row.get("weights_sha256")),
-             _text(row.get("lineage")), short(row.get("lora_sha256"))] for row, base in zip(ctx.rows, ctx.bases)]
+             _text(row.get("lineage")), short(row.get("lora_sha256"))]
+            for row, base in zip(ctx.rows, ctx.bases)]
     return _with_source(Table("Weights measured", ["variant", "weights sha256", "made by (newest first)",
                                                    "LoRA sha256"], body, {0, 2}, {2}), ctx)
 
