@@ -314,3 +314,17 @@ def test_method_precision_and_stored_dtype_come_from_the_records_and_file_header
         "method": "torch.compile (max-autotune)", "precision": "bf16", "weights_dtype": None}
     assert row_fields(None, None, backend="torch", dtype="fp32")["method"] == "none"
     assert MISSING == "—"
+
+
+def test_the_weights_each_row_measured_are_named(tmp_path):
+    rows = [_row("fp32", weights_sha256="a" * 64),
+            _row("int8", e2e=0.4, weights_sha256="b" * 64,
+                 lineage="quantize torch-int8-dynamic <- builtin:tiny-shapes"),
+            _row("arch", weights_sha256="built in code")]
+    md = render_report([_results(tmp_path / "run", rows)], tmp_path / "out")[0].read_text()
+    header, table = _table(md, "Weights measured")
+    assert header[:3] == ["variant", "weights sha256", "made by (newest first)"]
+    assert [r["weights sha256"] for r in table] == ["a" * 16, "b" * 16, "built in code"]
+    assert table[1]["made by (newest first)"] == "quantize torch-int8-dynamic <- builtin:tiny-shapes"
+    old = render_report([_results(tmp_path / "old", [_row("fp32")])], tmp_path / "out-old")[0].read_text()
+    assert "## Weights measured" not in old  # results written before the column: no empty table
