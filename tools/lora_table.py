@@ -178,8 +178,40 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
     }
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    (args.out / "table.md").write_text(markdown_table(result))
     _grid(generated, variants, prompts, args.grid, args.out / "grid.png")
-    print(f"wrote {args.out}/results.json and grid.png")
+    print(f"wrote {args.out}/results.json, table.md and grid.png")
+
+
+def _cell(row: dict, key: str, scale: float = 100.0, digits: int = 1) -> str:
+    if row.get(key) is None:
+        return "–"
+    lo, hi = row.get(key + "_lo"), row.get(key + "_hi")
+    text = f"{row[key] * scale:.{digits}f}"
+    return text + (f" [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]" if lo is not None else "")
+
+
+def markdown_table(result: dict) -> str:
+    """The results as one markdown table (what the README and report.md quote)."""
+    env = result["environment"]
+    flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+             if f in (env.get("cpu_flags") or [])]
+    lines = [f"Adapter {result['lora']['spec']} (sha256 {result['lora']['sha256'][:16]}, rank "
+             f"{result['lora']['rank']}); {result['prompts']['count']} ring prompts "
+             f"(sdwb.shapes_lora.eval_samples), seed {result['prompts']['seed']}; "
+             f"git {result['git_revision']}; {env.get('cpu')} ({', '.join(flags)}), "
+             f"{env.get('torch_threads')} threads.", "",
+             "| variant | LoRA route | steps / guidance | ring % [95% CI] | colour % | position % | "
+             "CLIP score | PSNR vs float+LoRA dB | LoRA effect retained [95% CI] | s for all prompts |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in result["rows"]:
+        route = row.get("route") or "none"
+        psnr = "identical" if row["psnr_identical_share"] == 1 else f"{row['psnr_vs_float_lora']:.1f}"
+        lines.append(" | ".join([
+            f"| {row['variant']}", route, f"{row['steps']} / {row['guidance']:g}", _cell(row, "ring_acc"),
+            _cell(row, "color_acc"), _cell(row, "position_acc"), _cell(row, "clip_score", 1.0, 2), psnr,
+            _cell(row, "lora_retained", 1.0, 3) if row["with_lora"] else "–", f"{row['seconds']:.1f} |"]))
+    return "\n".join(lines) + "\n"
 
 
 def _is_distilled(spec: str) -> bool:
