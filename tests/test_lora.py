@@ -4,6 +4,7 @@ every route exactly where the maths says it does, and every wrong input is one l
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -337,3 +338,33 @@ def test_cli_lora_on_an_export_is_refused_before_work(tiny_onnx_dir, lora, tmp_p
     err = capsys.readouterr().err
     assert info.value.code != 0 and "fuse the LoRA" in err and not out.exists()
     assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def test_a_recipe_lora_stage_fuses_and_its_key_follows_the_adapter(tiny, pruned, lora, zero_lora, tmp_path):
+    from sdwb.app.recipe_run import plan, run_recipe
+    from sdwb.app.recipe_schema import recipe_from_dict
+    from sdwb.loading import load_pipeline
+
+    def recipe(adapter: str):
+        return recipe_from_dict({"name": "lora", "model": pruned, "stages": [
+            {"kind": "lora", "lora": adapter, "scale": 0.5},
+            {"kind": "quantize", "method": "torch-int8-dynamic", "guard": {"prompts": 1, "steps": 2}}]})
+
+    store = tmp_path / "store"
+    result = run_recipe(recipe(lora), store=store, run_root=tmp_path / "runs", progress=False)
+    fused = result.stages[0].out
+    record = json.loads((fused / "sdwb.json").read_text())
+    assert record["stage"] == "lora" and record["lora"]["scale"] == 0.5
+    want = unet_out(load_pipeline(pruned, lora=lora, lora_scale=0.5).unet)  # projected + fused = unfused
+    torch.testing.assert_close(unet_out(load_pipeline(str(fused)).unet), want, rtol=1e-4, atol=1e-5)
+    assert (result.stages[1].out / "sdwb.json").is_file()
+    import shutil
+
+    same_path = tmp_path / "adapter"
+    shutil.copytree(lora, same_path)
+    before = plan(recipe(str(same_path)), store)[0].key
+    shutil.copy(Path(zero_lora) / WEIGHTS_NAME, same_path / WEIGHTS_NAME)  # new weights, same path
+    assert plan(recipe(str(same_path)), store)[0].key != before  # another stage, not a cached one
