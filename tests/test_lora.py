@@ -279,6 +279,7 @@ def test_lora_train_lowers_its_loss_and_the_adapter_loads_in_plain_diffusers(tin
     torch.testing.assert_close(unet_out(plain.unet), unet_out(ours.unet), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_lora_train_loss_falls(tiny, tmp_path):
     from sdwb.train.lora import LoraTrainConfig, train_lora
 
