@@ -18,9 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
-
-from sdwb.errors import SdwbError
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 DEFAULT_IGNORED = ["conv_in", "conv_out", "time_embedding"]
 # BK-SDM (Kim et al. 2023) drops the mid-stage and one residual+attention pair per stage; with one
@@ -111,14 +109,9 @@ class PruneConfig(_Strict):
 
 def parse_prune_config(data: dict, source: str = "prune config") -> PruneConfig:
     """Validate ``data`` as a :class:`PruneConfig`; every problem is one ``SdwbError`` line."""
-    from sdwb.schema_errors import fields_of, format_errors
+    from sdwb.schema_errors import parse_model
 
-    if not isinstance(data, dict):
-        raise SdwbError(f"{source}: expected a mapping of prune keys, got {type(data).__name__}")
-    try:
-        return PruneConfig.model_validate(data)
-    except ValidationError as e:
-        raise SdwbError(f"{source}: " + format_errors(e, allowed=fields_of(PruneConfig))) from None
+    return parse_model(PruneConfig, data, source, "prune")
 
 
 def load_prune_config(

@@ -96,6 +96,19 @@ def format_errors(
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
+def parse_model(cls: type[BaseModel], data: Any, source: str, what: str) -> BaseModel:
+    """Validate ``data`` as ``cls`` with one-line errors naming ``source`` and the key; ``what`` names
+    the keys in the not-a-mapping error (the front door of a config without methods)."""
+    from sdwb.errors import SdwbError
+
+    if not isinstance(data, dict):
+        raise SdwbError(f"{source}: expected a mapping of {what} keys, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise SdwbError(f"{source}: " + format_errors(e, allowed=fields_of(cls))) from None
+
+
 def parse_by_method(data: Any, methods: dict[str, type[BaseModel]], source: str, what: str) -> BaseModel:
     """Validate ``data`` (a mapping that must hold ``method``) as the config class ``methods``
     registers for that method, with one-line errors: the shared front door of every registry of

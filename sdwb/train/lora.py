@@ -55,18 +55,11 @@ def load_lora_train_config(path: str | Path | None = None,
                            overrides: list[str] | None = None) -> LoraTrainConfig:
     """Read a ``configs/lora/*.yaml`` file (or start empty), apply ``--set`` overrides, validate; every
     problem is one ``SdwbError`` line naming the key."""
-    from pydantic import ValidationError
-
-    from sdwb.schema_errors import fields_of, format_errors
+    from sdwb.schema_errors import parse_model
     from sdwb.yaml_io import read_with_flags
 
     data, source = read_with_flags(path, overrides, {})
-    if not isinstance(data, dict):
-        raise SdwbError(f"{source}: expected a mapping of lora train keys, got {type(data).__name__}")
-    try:
-        return LoraTrainConfig.model_validate(data)
-    except ValidationError as e:
-        raise SdwbError(f"{source}: " + format_errors(e, allowed=fields_of(LoraTrainConfig))) from None
+    return parse_model(LoraTrainConfig, data, source, "lora train")
 
 
 def _pool(pipe, count: int, progress: bool) -> dict[str, torch.Tensor]:
