@@ -369,3 +369,24 @@ def test_a_recipe_lora_stage_fuses_and_its_key_follows_the_adapter(tiny, pruned,
     before = plan(recipe(str(same_path)), store)[0].key
     shutil.copy(Path(zero_lora) / WEIGHTS_NAME, same_path / WEIGHTS_NAME)  # new weights, same path
     assert plan(recipe(str(same_path)), store)[0].key != before  # another stage, not a cached one
+
+
+# --------------------------------------------------------------------------- the table tool
+
+
+def test_lora_table_measures_every_route_and_the_float_reference_retains_all(tiny, lora, tmp_path):
+    from compress.lora_fuse import fuse_variant
+    from tools.lora_table import main
+
+    fuse_variant(tiny, lora, tmp_path / "fused")
+    out = tmp_path / "table"
+    main(["--out", str(out), "--lora", lora, "--prompts", "3", "--steps", "2", "--batch", "3",
+          "--grid", "1", "--variant", f"float={tiny}", "--variant", f"fused-copy={tiny},fused={tmp_path / 'fused'}"])
+    result = json.loads((out / "results.json").read_text())
+    rows = {(r["variant"], r["with_lora"]): r for r in result["rows"]}
+    assert rows[("float", True)]["route"] == "runtime" and rows[("fused-copy", True)]["route"] == "fused"
+    assert rows[("float", True)]["lora_retained"] == 1.0 and rows[("float", True)]["psnr_identical_share"] == 1
+    fused = rows[("fused-copy", True)]  # the fused variant draws what unfused loading draws
+    assert fused["lora_retained_lo"] > 0.99 and fused["psnr_vs_float_lora"] > 40
+    assert result["lora"]["sha256"] == read_adapter(lora).sha256 and len(result["models"]) == 2
+    assert "| float | runtime |" in (out / "table.md").read_text() and (out / "grid.png").is_file()
