@@ -381,11 +381,13 @@ def test_lora_table_measures_every_route_and_the_float_reference_retains_all(tin
     fuse_variant(tiny, lora, tmp_path / "fused")
     out = tmp_path / "table"
     main(["--out", str(out), "--lora", lora, "--prompts", "3", "--steps", "2", "--batch", "3",
-          "--grid", "1", "--variant", f"float={tiny}", "--variant", f"fused-copy={tiny},fused={tmp_path / 'fused'}"])
+          "--grid", "1", "--variant", f"float={tiny}",
+          "--variant", f"fused-copy={tiny},fused={tmp_path / 'fused'}"])
     result = json.loads((out / "results.json").read_text())
     rows = {(r["variant"], r["with_lora"]): r for r in result["rows"]}
     assert rows[("float", True)]["route"] == "runtime" and rows[("fused-copy", True)]["route"] == "fused"
-    assert rows[("float", True)]["lora_retained"] == 1.0 and rows[("float", True)]["psnr_identical_share"] == 1
+    reference = rows[("float", True)]
+    assert reference["lora_retained"] == 1.0 and reference["psnr_identical_share"] == 1
     fused = rows[("fused-copy", True)]  # the fused variant draws what unfused loading draws
     assert fused["lora_retained_lo"] > 0.99 and fused["psnr_vs_float_lora"] > 40
     assert result["lora"]["sha256"] == read_adapter(lora).sha256 and len(result["models"]) == 2
