@@ -221,20 +221,12 @@ def _is_distilled(spec: str) -> bool:
 
 
 def _weights_hash(spec: str) -> str:
-    """sha256 over the sorted (file, sha256) pairs of the weights the spec names (its manifest's files)."""
-    import hashlib
-
-    from sdwb.hash_cache import sha256_cached
+    """The digest of the weight files the spec names (what a bench row's ``weights_sha256`` holds)."""
     from sdwb.loading import resolve_spec
-    from sdwb.variants.files import weight_files
+    from sdwb.variants.files import weight_files, weights_digest
 
     path = resolve_spec(spec, "pipeline")
-    if path is None:
-        return "built in code"
-    digest = hashlib.sha256()
-    for f in sorted(weight_files(path)):
-        digest.update(f"{f.relative_to(path)}:{sha256_cached(f)}\n".encode())
-    return digest.hexdigest()
+    return "built in code" if path is None else weights_digest(path, weight_files(path))
 
 
 def _grid(generated, variants, prompts, count: int, path: Path) -> None:

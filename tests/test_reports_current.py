@@ -1,0 +1,64 @@
+"""Committed results name the weights they measured, and a builtin's must be what is shipped now.
+
+A results file records, per row, ``weights_sha256`` (bench rows) or a ``models`` table (tools such as
+``tools.lora_table``): the digest of the weight files of each model it ran. When a builtin is retrained
+or re-distilled, every report that measured the old weights fails here until it is re-measured, or its
+directory holds ``SUPERSEDED.md`` saying why it is kept (and then the README must not quote it as
+current). Results written before the digests existed record none and are not checked here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUPERSEDED = "SUPERSEDED.md"
+
+
+def _recorded(data: dict) -> list[tuple[str, str]]:
+    pairs = [(row["model"], row["weights_sha256"]) for row in data.get("rows", [])
+             if isinstance(row, dict) and isinstance(row.get("weights_sha256"), str)
+             and str(row.get("model", "")).startswith("builtin:")]
+    models = data.get("models") or {}
+    pairs += [(spec, digest) for spec, digest in models.items() if spec.startswith("builtin:")]
+    return [(spec, digest) for spec, digest in pairs if digest != "built in code"]
+
+
+def stale_results(reports: Path) -> tuple[list[str], int]:
+    """``(problems, digests checked)`` over every results.json under ``reports`` not marked superseded."""
+    from sdwb.loading import resolve_spec
+    from sdwb.variants.files import weight_files, weights_digest
+
+    shipped: dict[str, str] = {}
+    problems, checked = [], 0
+    for path in sorted(reports.rglob("results.json")):
+        if any((parent / SUPERSEDED).is_file() for parent in path.parents if parent.is_relative_to(reports)):
+            continue
+        for spec, digest in _recorded(json.loads(path.read_text())):
+            if spec not in shipped:
+                directory = resolve_spec(spec, "pipeline")
+                shipped[spec] = weights_digest(directory, weight_files(directory))
+            checked += 1
+            if digest != shipped[spec]:
+                problems.append(f"{path.relative_to(reports)}: {spec} measured weights {digest[:12]}, "
+                                f"shipped {shipped[spec][:12]}")
+    return sorted(set(problems)), checked
+
+
+def test_committed_results_measured_the_shipped_builtins():
+    problems, checked = stale_results(ROOT / "reports")
+    assert not problems, "re-measure these (or add SUPERSEDED.md): " + "; ".join(problems)
+    assert checked > 0  # reports/lora-cpu records its models' digests
+
+
+def test_a_result_on_other_weights_is_found_unless_superseded(tmp_path):
+    report = tmp_path / "old-report"
+    report.mkdir()
+    (report / "results.json").write_text(json.dumps({"rows": [
+        {"model": "builtin:tiny-shapes", "weights_sha256": "0" * 64},
+        {"model": "builtin:sd15-arch", "weights_sha256": "built in code"}]}))
+    problems, checked = stale_results(tmp_path)
+    assert checked == 1 and len(problems) == 1 and "builtin:tiny-shapes" in problems[0]
+    (report / SUPERSEDED).write_text("kept for the record: measured on the previous weights\n")
+    assert stale_results(tmp_path) == ([], 0)
