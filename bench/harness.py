@@ -90,10 +90,10 @@ def preflight(scenarios: list[Scenario]) -> list[Scenario]:
         if s.model.startswith("recipe:"):  # resolved by the application layer before a bench
             raise SdwbError(f"variant {s.variant}: {s.model}: a recipe model is resolved by `sdwb bench` / "
                             "`sdwb run`, not by the benchmark harness")
-        if s.lora is not None and s.backend != "torch":
-            raise SdwbError(f"variant {s.variant}: lora with backend {s.backend}: an exported graph is "
-                            "fixed; "
-                            "fuse the LoRA first (sdwb lora fuse), then export or quantize the result")
+        if s.lora is not None:
+            from sdwb.lora import check_backend
+
+            check_backend(s.backend, f"variant {s.variant}: lora")
         if s.backend in ("onnxruntime", "openvino"):  # the runtime's threads: recorded, never "default"
             update["threads"] = s.threads or torch.get_num_threads()
         out.append(s.model_copy(update=update))

@@ -68,9 +68,9 @@ class Settings(BaseModel):
     judge: str = Field("builtin:shapes-judge", min_length=1, description="CLIP judge for quality")
     n_edits: int = Field(8, ge=1, description="metric edit: the first N cases of builtin:shapes-edit")
     edit_strength: float = Field(0.6, ge=0.0, le=1.0, description="metric edit: the edits' strength")
-    lora: Optional[str] = Field(None, min_length=1, description="torch backend: a LoRA adapter loaded "
-                                "unfused "
-                                "(builtin:NAME, a dir or .safetensors; projected onto a pruned model)")
+    lora: Optional[str] = Field(None, min_length=1,
+                                description="torch backend: a LoRA adapter loaded unfused (builtin:NAME, a "
+                                "dir or .safetensors; projected onto a pruned model)")
     lora_scale: float = Field(1.0, ge=0.0, le=4.0, description="with lora: its strength (1.0: as trained)")
     unet_slowdown: float = Field(0.0, ge=0.0, le=10.0, description="gate self-test: after every timed UNet "
                                  "call, busy-wait this fraction of its time (0.15 = a 15% slower UNet)")

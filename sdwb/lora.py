@@ -84,15 +84,24 @@ def resolve_adapter(spec: str) -> Path:
     return path
 
 
+def check_backend(backend: str, where: str) -> None:
+    """Refuse a LoRA loaded at run time on an exported backend, in one line (``where``: the flag or
+    bench variant that asked): an exported graph is fixed, so the adapter must be fused before."""
+    if backend != "torch":
+        raise SdwbError(f"{where}: the {backend} backend runs a fixed graph; fuse the LoRA into the model it "
+                        "was made from (sdwb lora fuse), then export or quantize the result")
+
+
 def read_adapter(spec: str) -> Adapter:
     """Read and check the adapter ``spec`` names; every problem is one ``SdwbError`` line."""
     from safetensors.torch import load_file
 
     from sdwb.hash_cache import sha256_cached
     from sdwb.verify import check_safetensors
+    from sdwb.zoo import BUILTIN_PREFIX
 
     path = resolve_adapter(spec)
-    if spec.startswith("builtin:"):  # a shipped adapter is held to its sdwb-files.json
+    if spec.startswith(BUILTIN_PREFIX):  # a shipped adapter is held to its sdwb-files.json
         from sdwb.verify import verify_builtin
 
         verify_builtin(spec, path.parent)

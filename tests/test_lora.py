@@ -279,6 +279,18 @@ def test_lora_train_lowers_its_loss_and_the_adapter_loads_in_plain_diffusers(tin
     torch.testing.assert_close(unet_out(plain.unet), unet_out(ours.unet), rtol=1e-5, atol=1e-6)
 
 
+def test_lora_train_resumes_only_a_run_of_its_own_config(tiny, tmp_path):
+    from sdwb.runs import prepare_work_dir
+    from sdwb.train.lora import LoraTrainConfig, train_lora
+
+    other = LoraTrainConfig(rank=2, steps=5, batch=4, latent_pool=8)
+    prepare_work_dir(tmp_path / "a.work", {"config": other.model_dump(), "source": "x"}, "LoRA training")
+    with pytest.raises(SdwbError) as exc:  # an interrupted run of another config: never mixed in
+        train_lora(tiny, LoraTrainConfig(rank=4, steps=5, batch=4, latent_pool=8), tmp_path / "a",
+                   progress=False)
+    assert "another config" in one_line(exc) and not (tmp_path / "a").exists()
+
+
 @pytest.mark.slow
 def test_lora_train_loss_falls(tiny, tmp_path):
     from sdwb.train.lora import LoraTrainConfig, train_lora

@@ -303,9 +303,10 @@ def generate(
         from sdwb.backends.registry import backend_for
 
         backend = backend_for(recipe.model)
-    if lora is not None and backend != "torch":
-        raise SdwbError(f"--lora: the {backend} backend runs a fixed graph; fuse the LoRA into the model it "
-                        "was made from (sdwb lora fuse), then export or quantize the result")
+    if lora is not None:
+        from sdwb.lora import check_backend
+
+        check_backend(backend, "--lora")
     output = check_writable_file(output, IMAGE_SUFFIXES)
     check_sidecar(output.with_suffix(".json"), output, overwrite)
     device = _resolve_device(device)

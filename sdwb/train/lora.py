@@ -15,14 +15,11 @@ base model's UNet hash, the config, the adapter's sha256 and the final loss.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
@@ -62,23 +59,6 @@ def load_lora_train_config(path: str | Path | None = None,
     return parse_model(LoraTrainConfig, data, source, "lora train")
 
 
-def _pool(pipe, count: int, progress: bool) -> dict[str, torch.Tensor]:
-    """Latent mean/std of ``count`` LoRA-domain train images and their token ids."""
-    from sdwb.shapes_lora import train_sample
-    from sdwb.train.unet import tokenize
-    from sdwb.train.vae import images_to_vae_input
-
-    means, stds, ids = [], [], []
-    with torch.no_grad():
-        for start in range(0, count, 256):
-            samples = [train_sample(start + i) for i in range(min(256, count - start))]
-            dist = pipe.vae.encode(images_to_vae_input(np.stack([s.render() for s in samples]))).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
-            ids.append(tokenize([s.caption for s in samples], pipe.tokenizer))
-    return {"mean": torch.cat(means), "std": torch.cat(stds), "input_ids": torch.cat(ids)}
-
-
 def _check_targets(unet, targets: list[str]) -> list[str]:
     names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)
              and any(n == t or n.endswith("." + t) for t in targets)]
@@ -97,9 +77,18 @@ def train_lora(model: str, config: LoraTrainConfig, out: Path, *, overwrite: boo
     from sdwb.hash_cache import sha256_cached
     from sdwb.loading import load_pipeline, require_family, resolve_spec
     from sdwb.lora import RECORD, WEIGHTS_NAME
+    from sdwb.runs import atomic_dir, atomic_write_json, prepare_work_dir
+    from sdwb.shapes_lora import train_sample
     from sdwb.train.common import Checkpointer, cosine_lr, run_loop, step_generator
-    from sdwb.train.unet import min_snr_weights, tokenize, training_scheduler, training_target
-    from sdwb.variants.files import library_versions, weight_files
+    from sdwb.train.unet import (
+        build_latent_pool,
+        min_snr_weights,
+        tokenize,
+        training_scheduler,
+        training_target,
+    )
+    from sdwb.variants.files import hash_files
+    from sdwb.variants.manifest import source_fingerprint
 
     if out.exists() and not overwrite:
         raise SdwbError(f"{out}: already exists (refusing to overwrite; --overwrite)")
@@ -116,7 +105,11 @@ def train_lora(model: str, config: LoraTrainConfig, out: Path, *, overwrite: boo
     params = [p for p in unet.parameters() if p.requires_grad]
     say(f"LoRA rank {config.rank} on {len(layers)} layers: {sum(p.numel() for p in params) / 1e3:.1f} k "
         f"trainable parameters; encoding {config.latent_pool} train images")
-    pool = _pool(pipe, config.latent_pool, progress)
+    work = out.with_name(out.name + ".work")  # resumable: only by a run of this config and model
+    identity = {"config": config.model_dump(), "source": source_fingerprint(model)}
+    prepare_work_dir(work, identity, "LoRA training")
+    pool = build_latent_pool(pipe.vae, pipe.tokenizer, config.latent_pool,
+                             work / "latent_pool.safetensors", progress, sample=train_sample)
     scheduler = training_scheduler()
     empty = tokenize([""], pipe.tokenizer)[0]
     scaling = pipe.vae.config.scaling_factor
@@ -146,9 +139,6 @@ def train_lora(model: str, config: LoraTrainConfig, out: Path, *, overwrite: boo
         optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.item()}
 
-    work = out.with_name(out.name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "config.json").write_text(json.dumps({"model": model, **config.model_dump()}))
     started = time.perf_counter()
     last = run_loop(name="lora", total_steps=config.steps, step_fn=step_fn,
                     checkpointer=Checkpointer(work / "checkpoint", {"unet": unet}, optimizer),
@@ -156,15 +146,24 @@ def train_lora(model: str, config: LoraTrainConfig, out: Path, *, overwrite: boo
                     progress=progress)
     seconds = time.perf_counter() - started
     unet.eval()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, safe_serialization=True)
     path = resolve_spec(model, "pipeline")
-    base_files = ({str(p.relative_to(path)): sha256_cached(p) for p in weight_files(path / "unet")}
-                  if path else {})
-    record = {
+    base_files = hash_files(path / "unet") if path else {}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, safe_serialization=True)
+        record = _record(model, config, base_files, len(layers), sum(p.numel() for p in params),
+                         sha256_cached(tmp / WEIGHTS_NAME), last, seconds)
+        atomic_write_json(tmp / RECORD, record)
+    shutil.rmtree(work, ignore_errors=True)
+    return record
+
+
+def _record(model: str, config: LoraTrainConfig, base_files: dict, layers: int, params: int,
+            sha256: str, last: dict, seconds: float) -> dict:
+    """The adapter's ``sdwb.json``: its base model's UNet files by hash, config, size, sha256, loss."""
+    from sdwb.variants.files import library_versions
+
+    return {
         "format": "sdwb-lora",
         "version": 1,
         "stage": "lora",
@@ -172,17 +171,11 @@ def train_lora(model: str, config: LoraTrainConfig, out: Path, *, overwrite: boo
         "base": {"spec": model, "unet_weights": base_files},
         "domain": "sdwb.shapes_lora (rings)",
         "config": config.model_dump(),
-        "layers": len(layers),
-        "trainable_params": sum(p.numel() for p in params),
-        "sha256": sha256_cached(tmp / WEIGHTS_NAME),
+        "layers": layers,
+        "trainable_params": params,
+        "sha256": sha256,
         "metrics": {"final_loss_smoothed": round(last.get("loss", float("nan")), 6),
                     "train_seconds": round(seconds, 1), "steps": config.steps},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "libraries": library_versions(("peft",)),
     }
-    (tmp / RECORD).write_text(json.dumps(record, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    shutil.rmtree(work, ignore_errors=True)
-    return record

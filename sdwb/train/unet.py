@@ -44,8 +44,11 @@ class _Denoiser(torch.nn.Module):
 
 
 @torch.no_grad()
-def build_latent_pool(vae, tokenizer, count: int, path: Path, progress=True) -> dict[str, torch.Tensor]:
-    """Render ``count`` train images, encode them once, tokenize their captions; cached on disk."""
+def build_latent_pool(vae, tokenizer, count: int, path: Path, progress=True,
+                      sample=None) -> dict[str, torch.Tensor]:
+    """Render ``count`` train images, encode them once, tokenize their captions; cached on disk.
+    ``sample(i)`` draws train image ``i`` (default: the shapes train stream; the LoRA's ring data
+    passes :func:`sdwb.shapes_lora.train_sample`)."""
     if path.exists():
         pool = load_file(path)
         if len(pool["mean"]) == count:
@@ -56,7 +59,8 @@ def build_latent_pool(vae, tokenizer, count: int, path: Path, progress=True) -> 
     chunk = 256
     for start in track(range(0, count, chunk), description="latent pool", disable=not progress):
         n = min(chunk, count - start)
-        samples = [shapes.sample_from_seed(UNET_STREAM_OFFSET + start + i) for i in range(n)]
+        samples = [sample(start + i) if sample is not None
+                   else shapes.sample_from_seed(UNET_STREAM_OFFSET + start + i) for i in range(n)]
         x = images_to_vae_input(np.stack([s.render() for s in samples]))
         dist = vae.encode(x).latent_dist
         means.append(dist.mean)

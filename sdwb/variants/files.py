@@ -86,25 +86,23 @@ def weights_digest(root: Path, files: Iterable[Path]) -> str:
     """One sha256 naming a model's weights: over the sorted ``relative path:sha256`` lines of
     ``files`` (cached per file, :mod:`sdwb.hash_cache`), so two results name the same weights exactly
     when their files are byte for byte the same."""
-    import hashlib
-
-    from sdwb.hash_cache import sha256_cached
-
-    digest = hashlib.sha256()
-    for path in sorted(Path(f) for f in files):
-        digest.update(f"{path.relative_to(root).as_posix()}:{sha256_cached(path)}\n".encode())
-    return digest.hexdigest()
+    return _digest((f.relative_to(root).as_posix(), sha256_cached(f)) for f in sorted(Path(f) for f in files))
 
 
 def record_digest(record: dict) -> str | None:
     """The same digest from a variant record's own ``files`` hashes (no file is read), or None."""
-    import hashlib
-
     files = record.get("files") if isinstance(record, dict) else None
     if not isinstance(files, dict) or not files:
         return None
+    return _digest((name, files[name].get("sha256") if isinstance(files[name], dict) else files[name])
+                   for name in sorted(files))
+
+
+def _digest(named_hashes: Iterable[tuple[str, str]]) -> str:
+    """sha256 over the ``name:sha256`` lines, in the order given."""
+    import hashlib
+
     digest = hashlib.sha256()
-    for name in sorted(files):
-        entry = files[name]
-        digest.update(f"{name}:{entry.get('sha256') if isinstance(entry, dict) else entry}\n".encode())
+    for name, sha in named_hashes:
+        digest.update(f"{name}:{sha}\n".encode())
     return digest.hexdigest()
