@@ -421,7 +421,9 @@ def _variant_columns(s: Scenario, directory: Path | None, files: list[Path] | No
 def identity_columns(directory: Path | None, files: list[Path] | None) -> dict[str, Any]:
     """Which weights a row measured: ``weights_sha256`` (one digest of its weight files, the files
     ``size_mb`` counts; "built in code" for sd15-arch / sdxl-arch) and ``lineage`` (each ancestor in
-    its records, newest first: ``stage method <- spec [digest of the files it recorded]``)."""
+    its records, newest first: ``stage method <- parent spec [the parent's weights_sha256]``; records
+    written before parents were hashed fall back to ``{files ...}``, the digest of the files the
+    parent's own record lists, and name no digest for a builtin parent)."""
     from sdwb.variants.files import record_digest, weights_digest
     from sdwb.variants.record import ancestry, read_record
 
@@ -429,10 +431,14 @@ def identity_columns(directory: Path | None, files: list[Path] | None) -> dict[s
         return {"weights_sha256": "built in code" if directory is None else None, "lineage": None}
     lineage = []
     for record in ancestry(read_record(directory) if directory.is_dir() else None):
-        parent = (record.get("parent") or {}).get("spec")
-        digest = record_digest(record)
-        lineage.append(f"{record.get('stage')} {record.get('method')} <- {parent}"
-                       + (f" [{digest[:12]}]" if digest else ""))
+        parent = record.get("parent") or {}
+        digest = parent.get("weights_sha256")
+        if digest:
+            named = f" [{digest[:12]}]"
+        else:
+            old = record_digest(parent.get("variant"))
+            named = f" {{files {old[:12]}}}" if old else ""
+        lineage.append(f"{record.get('stage')} {record.get('method')} <- {parent.get('spec')}{named}")
     return {"weights_sha256": weights_digest(directory, files), "lineage": " | ".join(lineage) or None}
 
 

@@ -239,10 +239,17 @@ def test_fused_then_quantized_variant_reloads_and_generates(tiny, lora, tmp_path
     assert "fuse it first" in one_line(exc)
     from bench.harness import identity_columns  # a results row names the chain that made it
     from sdwb.variants.files import weight_files
+    from sdwb.variants.record import read_record
 
     columns = identity_columns(variant.path, weight_files(variant.path))
     stages = [part.split(" <- ")[0] for part in columns["lineage"].split(" | ")]
     assert stages == ["quantize torch-int8-dynamic", "lora fuse"] and len(columns["weights_sha256"]) == 64
+    # each link names its parent's weights by the digest a bench row of the parent records
+    fused = identity_columns(tmp_path / "fused", weight_files(tmp_path / "fused"))["weights_sha256"]
+    base = identity_columns(Path(tiny), weight_files(Path(tiny)))["weights_sha256"]
+    links = columns["lineage"].split(" | ")
+    assert f"[{fused[:12]}]" in links[0] and f"[{base[:12]}]" in links[1] and fused != base
+    assert read_record(variant.path)["parent"]["weights_sha256"] == fused
 
 
 def test_unfused_and_fused_loading_agree_and_scale_zero_is_the_base(tiny, lora):

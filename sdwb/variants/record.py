@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sdwb.errors import SdwbError
-from sdwb.variants.files import library_versions, verify_files
+from sdwb.variants.files import library_versions, verify_files, weight_files, weights_digest
 
 RECORD = "sdwb.json"
 FORMAT = "sdwb-variant"
@@ -51,7 +51,7 @@ def _check_chain(record: dict, path: Path) -> None:
         if not isinstance(parent, dict):
             raise SdwbError(f"corrupt {path}: {where}: expected an object (spec, path, variant) or null, "
                             f"got {type(parent).__name__}")
-        for key in ("spec", "path"):
+        for key in ("spec", "path", "weights_sha256"):
             if parent.get(key) is not None and not isinstance(parent[key], str):
                 raise SdwbError(f"corrupt {path}: {where}.{key}: expected a string or null")
         node = parent.get("variant")
@@ -95,8 +95,15 @@ def new_record(*, stage: str, method: str, backend: str, weights: str, parent: d
 
 
 def parent_entry(spec: str | None, path: Path | None, record: dict | None) -> dict:
-    """How a record names its parent: the spec given, its resolved path, the parent's own record."""
-    return {"spec": spec, "path": str(Path(path).resolve()) if path else None, "variant": record}
+    """How a record names its parent: the spec given, its resolved path, the digest of its weight
+    files (``weights_sha256``, the digest a bench row of that model records, so a variant names the
+    exact teacher or base it was made from; None for a model built in code), and its own record."""
+    digest = None
+    if path is not None and Path(path).is_dir():
+        files = weight_files(Path(path))
+        digest = weights_digest(Path(path), files) if files else None
+    return {"spec": spec, "path": str(Path(path).resolve()) if path else None,
+            "weights_sha256": digest, "variant": record}
 
 
 def verify_record(directory: Path, record: dict) -> None:
