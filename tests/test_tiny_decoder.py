@@ -173,3 +173,26 @@ def test_shipped_decoder_config_is_valid():
     path = Path(__file__).resolve().parents[1] / "configs" / "decoder" / "vae-decoder.yaml"
     cfg = load_decoder_config(path)
     assert cfg.steps >= 100
+
+
+def test_a_recipe_decoder_stage_trains_it_and_exports_without_an_encoder(tiny_pipeline_dir, tmp_path):
+    """``kind: decoder`` in a recipe is ``sdwb compress decoder``: the next stage (export) gets the
+    tiny-decoder variant, whose VAE has no encoder to export; a re-run reuses the finished stages."""
+    from sdwb.app.recipe_run import plan, run_recipe
+    from sdwb.app.recipe_schema import recipe_from_dict
+
+    overrides = dict(item.split("=") for item in FAST)
+    stage = {"kind": "decoder", **{k: (float(v) if "." in v else int(v)) for k, v in overrides.items()}}
+    recipe = recipe_from_dict({"name": "tiny-vae", "model": str(tiny_pipeline_dir), "stages": [
+        stage, {"kind": "export", "components": ["text_encoder", "unet", "vae_decoder"]}]})
+    store = tmp_path / "store"
+    result = run_recipe(recipe, store=store, run_root=tmp_path / "runs", progress=False)
+    decoded, exported = (s.out for s in result.stages)
+    assert json.loads((decoded / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderTiny"]
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert "vae_decoder" in manifest["components"] and "vae_encoder" not in manifest["components"]
+    assert all(p.done for p in plan(recipe, store))  # nothing left to run: a re-run trains nothing
+    bad = {**stage, "blocks": [1]}  # one entry for a 2-level VAE: refused before any work
+    with pytest.raises(SdwbError):
+        run_recipe(recipe_from_dict({"name": "bad", "model": str(tiny_pipeline_dir), "stages": [bad]}),
+                   store=store, run_root=tmp_path / "runs", progress=False)

@@ -1,9 +1,9 @@
 """``sdwb run RECIPE``: execute a recipe's stages in order, each artifact addressed by a hash.
 
 What: a recipe (``configs/recipes/*.yaml``, :mod:`sdwb.app.recipe_schema`) lists stages -- prune, distill,
-quantize, cache, export, generate, bench, report. Each model stage (prune / distill / quantize /
-cache / export) takes the current model and produces the next one; generate / bench / report read
-models and write results.
+quantize, decoder, cache, lora, export, generate, bench, report. Each model stage (prune / distill /
+decoder / quantize / cache / lora / export) takes the current model and produces the next one;
+generate / bench / report read models and write results.
 
 Why hashes: a stage's key is the sha256 of its kind, its resolved config and the keys of what it
 reads (the recipe model's content fingerprint, or the key of the stage before). Its artifact
@@ -50,6 +50,7 @@ RECIPE_PREFIX = "recipe:"
 _DONE_MARKERS = {
     "prune": "sdwb.json",
     "distill": "sdwb.json",
+    "decoder": "sdwb.json",
     "quantize": "sdwb.json",
     "cache": "sdwb.json",
     "lora": "sdwb.json",
@@ -395,6 +396,13 @@ def _run_distill(p, recipe, *, progress, say, command) -> None:
     )
 
 
+def _run_decoder(p, recipe, *, progress, say, command) -> None:
+    from compress.tiny_decoder import DecoderConfig, distill_decoder
+
+    distill_decoder(p.input, _plain(p.stage, DecoderConfig), p.out, work_dir=p.dir / "work",
+                    progress=progress, say=say)
+
+
 def _run_quantize(p, recipe, *, progress, say, command) -> None:
     from compress.quantize import quantize
     from export.onnx import export_onnx
@@ -492,6 +500,7 @@ EXECUTORS: dict[str, Callable] = {
     "prune": _run_prune,
     "distill": _run_distill,
     "quantize": _run_quantize,
+    "decoder": _run_decoder,
     "cache": _run_cache,
     "lora": _run_lora,
     "export": _run_export,

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serial
 from bench.scenario import BenchConfig
 from compress.distill_config import DistillConfig
 from compress.prune_config import PruneConfig
+from compress.tiny_decoder import DecoderConfig
 from sdwb.backends.registry import Backend as Backend  # noqa: F401  (re-exported)
 from sdwb.errors import SdwbError
 from sdwb.inference import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS
@@ -99,6 +100,15 @@ class DistillStage(DistillConfig):
     ``configs/distill/*.yaml`` (same schema and checks)."""
 
     kind: Literal["distill"]
+    name: str | None = _stage_name()
+
+
+class DecoderStage(DecoderConfig):
+    """Replace the current model's VAE decoder by a distilled tiny one, as ``sdwb compress decoder``
+    does: the keys of ``configs/decoder/*.yaml`` (same schema and checks). The result has no VAE
+    encoder, so a later export leaves ``vae_encoder`` out (it cannot edit)."""
+
+    kind: Literal["decoder"]
     name: str | None = _stage_name()
 
 
@@ -229,12 +239,13 @@ class ReportStage(_Section):
 
 
 # Every stage type, one model each, told apart by ``kind``.
-STAGE_TYPES: tuple[type[BaseModel], ...] = (GenerateStage, PruneStage, DistillStage, QuantizeStage,
-                                            CacheStage, LoraStage, ExportStage, BenchStage, ReportStage)
+STAGE_TYPES: tuple[type[BaseModel], ...] = (GenerateStage, PruneStage, DistillStage, DecoderStage,
+                                            QuantizeStage, CacheStage, LoraStage, ExportStage, BenchStage,
+                                            ReportStage)
 Stage = Annotated[Union[STAGE_TYPES], Field(discriminator="kind")]
 
 # Stages whose output is a model the next stages take as their input.
-MODEL_STAGES = ("prune", "distill", "quantize", "cache", "lora", "export")
+MODEL_STAGES = ("prune", "distill", "decoder", "quantize", "cache", "lora", "export")
 
 
 def stage_name(stage: BaseModel) -> str:
