@@ -4,7 +4,8 @@ A results file records, per row, ``weights_sha256`` (bench rows) or a ``models``
 ``tools.lora_table``): the digest of the weight files of each model it ran. When a builtin is retrained
 or re-distilled, every report that measured the old weights fails here until it is re-measured, or its
 directory holds ``SUPERSEDED.md`` saying why it is kept (and then the README must not quote it as
-current). Results written before the digests existed record none and are not checked here.
+current). A row that names a builtin with weight files but records no digest (written before the
+digests existed) is a problem too: what it measured cannot be checked, so it is re-measured or marked.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SUPERSEDED = "SUPERSEDED.md"
 
 
-def _recorded(data: dict) -> list[tuple[str, str]]:
-    pairs = [(row["model"], row["weights_sha256"]) for row in data.get("rows", [])
-             if isinstance(row, dict) and isinstance(row.get("weights_sha256"), str)
-             and str(row.get("model", "")).startswith("builtin:")]
+def _recorded(data: dict) -> list[tuple[str, str | None]]:
+    """``(builtin spec, its recorded digest or None)`` for every builtin a results file measured."""
+    rows = [row for row in data.get("rows", []) if isinstance(row, dict)
+            and str(row.get("model", "")).startswith("builtin:")]
     models = data.get("models") or {}
+    pairs = [(row["model"], row.get("weights_sha256") if isinstance(row.get("weights_sha256"), str)
+              else models.get(row["model"])) for row in rows]
     pairs += [(spec, digest) for spec, digest in models.items() if spec.startswith("builtin:")]
     return [(spec, digest) for spec, digest in pairs if digest != "built in code"]
 
@@ -37,10 +40,15 @@ def stale_results(reports: Path) -> tuple[list[str], int]:
             continue
         for spec, digest in _recorded(json.loads(path.read_text())):
             if spec not in shipped:
-                directory = resolve_spec(spec, "pipeline")
-                shipped[spec] = weights_digest(directory, weight_files(directory))
+                directory = resolve_spec(spec, "pipeline")  # None: built in code, no weights to name
+                shipped[spec] = weights_digest(directory, weight_files(directory)) if directory else None
+            if shipped[spec] is None:
+                continue
             checked += 1
-            if digest != shipped[spec]:
+            if digest is None:
+                problems.append(f"{path.relative_to(reports)}: {spec}: records no weights digest "
+                                "(measured before results named their weights)")
+            elif digest != shipped[spec]:
                 problems.append(f"{path.relative_to(reports)}: {spec} measured weights {digest[:12]}, "
                                 f"shipped {shipped[spec][:12]}")
     return sorted(set(problems)), checked
@@ -60,5 +68,12 @@ def test_a_result_on_other_weights_is_found_unless_superseded(tmp_path):
         {"model": "builtin:sd15-arch", "weights_sha256": "built in code"}]}))
     problems, checked = stale_results(tmp_path)
     assert checked == 1 and len(problems) == 1 and "builtin:tiny-shapes" in problems[0]
+    older = tmp_path / "older-report"  # written before rows named their weights: unverifiable
+    older.mkdir()
+    (older / "results.json").write_text(json.dumps({"rows": [
+        {"model": "builtin:tiny-shapes-4step"}, {"model": "builtin:sd15-arch"}]}))
+    problems, checked = stale_results(tmp_path)
+    assert checked == 2 and any("older-report" in p and "records no weights digest" in p for p in problems)
+    (older / SUPERSEDED).write_text("measured before results named their weights\n")
     (report / SUPERSEDED).write_text("kept for the record: measured on the previous weights\n")
     assert stale_results(tmp_path) == ([], 0)
