@@ -328,9 +328,11 @@ def _prepare(run: _Run, bars: _Bars) -> None:
 
 def _check_encoder(s: Scenario) -> None:
     """Metric edit on an export directory: it must hold the VAE encoder (before any work)."""
-    from sdwb.variants.manifest import read_manifest
+    from sdwb.variants.manifest import EXPORT_FORMAT, manifest_format, read_manifest
 
-    if "vae_encoder" not in (read_manifest(Path(s.model).expanduser()).get("components") or {}):
+    path = Path(s.model).expanduser()  # an ONNX export or an OpenVINO IR: each in its own format
+    manifest = read_manifest(path, manifest_format(path) or EXPORT_FORMAT)
+    if "vae_encoder" not in (manifest.get("components") or {}):
         raise SdwbError(f"variant {s.variant}: metric edit needs the VAE encoder, which {s.model} lacks "
                         "(export with --components text_encoder,unet,vae_decoder,vae_encoder)")
 

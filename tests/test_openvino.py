@@ -200,6 +200,30 @@ def test_bench_openvino_row_from_a_torch_spec(tiny_pipeline_dir, tmp_path, capsy
     assert code == 2 and "dtype fp16 with backend openvino" in err
 
 
+def test_bench_edit_metric_on_an_openvino_ir(ir_dir, tiny_pipeline_dir, tmp_path, capsys):
+    """An IR converted from an export with the VAE encoder edits in a bench row; one without it is
+    refused in one line before any work."""
+    from export.onnx import export_onnx
+    from export.openvino import export_openvino
+
+    onnx = tmp_path / "onnx"
+    export_onnx(str(tiny_pipeline_dir), onnx,
+                components=["text_encoder", "unet", "vae_decoder", "vae_encoder"])
+    export_openvino(str(onnx), tmp_path / "ir")
+    config = tmp_path / "edit.yaml"
+    defaults = {"steps": 3, "n_edits": 2, "edit_strength": 0.7, "threads": 1, "metrics": ["edit"]}
+    config.write_text(yaml.safe_dump({"defaults": defaults, "variants": [
+        {"name": "ov", "model": str(tmp_path / "ir"), "backend": "openvino"}]}))
+    code, _, err = sdwb(capsys, "bench", config, "-o", tmp_path / "out", "--no-progress")
+    assert code == 0, err
+    row = pd.read_csv(tmp_path / "out" / "results.csv").set_index("variant").loc["ov"]
+    assert row["n_edits"] == 2 and 0 <= row["edit_success"] <= 1 and row["s_per_edit"] > 0
+    config.write_text(yaml.safe_dump({"defaults": defaults, "variants": [
+        {"name": "ov", "model": str(ir_dir), "backend": "openvino"}]}))
+    code, _, err = sdwb(capsys, "bench", config, "-o", tmp_path / "out2", "--no-progress")
+    assert code == 2 and "needs the VAE encoder" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_sdxl_exports_to_openvino_and_matches_torch(tmp_path):
     """SDXL: both text encoders (hidden states + pooled), the UNet's added conditions, on OpenVINO."""
