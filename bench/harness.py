@@ -323,7 +323,19 @@ def _prepare(run: _Run, bars: _Bars) -> None:
             run.model_dirs[s.variant] = result["dir"]
             run.rows[s.variant].update({f"export_{k}" if k == "reused" else k: v
                                         for k, v in result.items() if k != "dir"})
+            # the row's weights_sha256 names this export; this names the model it was exported from
+            run.rows[s.variant]["source_weights_sha256"] = _source_digest(s.model)
         advance()
+
+
+def _source_digest(spec: str) -> str:
+    """The weights digest of a torch model spec the bench exports itself (as its own torch row
+    would record it); "built in code" for sd15-arch / sdxl-arch."""
+    from sdwb.loading import resolve_spec
+    from sdwb.variants.files import weight_files, weights_digest
+
+    directory = resolve_spec(spec, "pipeline")
+    return "built in code" if directory is None else weights_digest(directory, weight_files(directory))
 
 
 def _check_encoder(s: Scenario) -> None:
@@ -433,6 +445,9 @@ def identity_columns(directory: Path | None, files: list[Path] | None) -> dict[s
         return {"weights_sha256": "built in code" if directory is None else None, "lineage": None}
     lineage = []
     for record in ancestry(read_record(directory) if directory.is_dir() else None):
+        if not record.get("parent"):  # the root: a model trained from scratch (a builtin's record)
+            lineage.append(f"{record.get('stage')} (trained, no parent)")
+            continue
         parent = record.get("parent") or {}
         digest = parent.get("weights_sha256")
         if digest:

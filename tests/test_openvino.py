@@ -193,6 +193,8 @@ def test_bench_openvino_row_from_a_torch_spec(tiny_pipeline_dir, tmp_path, capsy
     assert ov["backend"] == "openvino" and ov["providers"].startswith("openvino-")
     assert ov["unet_ms_per_call"] > 0 and ov["compile_s"] > 0 and ov["export_dir"] == "exports/ov"
     assert df.loc["fp32", "unet_params_m"] == pytest.approx(ov["unet_params_m"], rel=0.02)
+    # its weights_sha256 names the export it ran; source_weights_sha256 the torch model exported
+    assert ov["source_weights_sha256"] == df.loc["fp32", "weights_sha256"] != ov["weights_sha256"]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"variants": [{"name": "ov", "model": str(tiny_pipeline_dir),
                                                  "backend": "openvino", "dtype": "fp16"}]}))

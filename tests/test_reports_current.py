@@ -17,13 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SUPERSEDED = "SUPERSEDED.md"
 
 
+def _digest(row: dict) -> str | None:
+    """The digest of the builtin a row names: its own weights, or for a row the bench exported
+    itself (``export_dir``) the source it exported (``source_weights_sha256``; None if unrecorded,
+    since ``weights_sha256`` then names the export, not the builtin)."""
+    key = "source_weights_sha256" if row.get("export_dir") else "weights_sha256"
+    return row[key] if isinstance(row.get(key), str) else None
+
+
 def _recorded(data: dict) -> list[tuple[str, str | None]]:
     """``(builtin spec, its recorded digest or None)`` for every builtin a results file measured."""
     rows = [row for row in data.get("rows", []) if isinstance(row, dict)
             and str(row.get("model", "")).startswith("builtin:")]
     models = data.get("models") or {}
-    pairs = [(row["model"], row.get("weights_sha256") if isinstance(row.get("weights_sha256"), str)
-              else models.get(row["model"])) for row in rows]
+    pairs = [(row["model"], _digest(row) or models.get(row["model"])) for row in rows]
     pairs += [(spec, digest) for spec, digest in models.items() if spec.startswith("builtin:")]
     return [(spec, digest) for spec, digest in pairs if digest != "built in code"]
 
@@ -75,5 +82,19 @@ def test_a_result_on_other_weights_is_found_unless_superseded(tmp_path):
     problems, checked = stale_results(tmp_path)
     assert checked == 2 and any("older-report" in p and "records no weights digest" in p for p in problems)
     (older / SUPERSEDED).write_text("measured before results named their weights\n")
+    exported = tmp_path / "exported"  # an onnxruntime row of a builtin: its weights_sha256 names the export
+    exported.mkdir()
+    (exported / "results.json").write_text(json.dumps({"rows": [
+        {"model": "builtin:tiny-shapes", "export_dir": "exports/ort", "weights_sha256": "1" * 64}]}))
+    problems, _ = stale_results(tmp_path)
+    assert any("exported" in p and "records no weights digest" in p for p in problems)
+    from sdwb.loading import resolve_spec
+    from sdwb.variants.files import weight_files, weights_digest
+
+    tiny = resolve_spec("builtin:tiny-shapes", "pipeline")
+    (exported / "results.json").write_text(json.dumps({"rows": [
+        {"model": "builtin:tiny-shapes", "export_dir": "exports/ort", "weights_sha256": "1" * 64,
+         "source_weights_sha256": weights_digest(tiny, weight_files(tiny))}]}))
+    assert not [p for p in stale_results(tmp_path)[0] if "exported" in p]
     (report / SUPERSEDED).write_text("kept for the record: measured on the previous weights\n")
-    assert stale_results(tmp_path) == ([], 0)
+    assert stale_results(tmp_path) == ([], 1)  # only the exported row's source is left to check
