@@ -296,6 +296,7 @@ def _prepare(run: _Run, bars: _Bars) -> None:
     has the RAM); OpenVINO reads that ONNX export as it is."""
     from sdwb.backends.registry import ensure_export
     from sdwb.cache.config import refuse_cache_variant
+    from sdwb.loading import spec_digest
 
     for s in run.scenarios:
         if "edit" in s.metrics and s.backend == "torch":
@@ -324,18 +325,8 @@ def _prepare(run: _Run, bars: _Bars) -> None:
             run.rows[s.variant].update({f"export_{k}" if k == "reused" else k: v
                                         for k, v in result.items() if k != "dir"})
             # the row's weights_sha256 names this export; this names the model it was exported from
-            run.rows[s.variant]["source_weights_sha256"] = _source_digest(s.model)
+            run.rows[s.variant]["source_weights_sha256"] = spec_digest(s.model)
         advance()
-
-
-def _source_digest(spec: str) -> str:
-    """The weights digest of a torch model spec the bench exports itself (as its own torch row
-    would record it); "built in code" for sd15-arch / sdxl-arch."""
-    from sdwb.loading import resolve_spec
-    from sdwb.variants.files import weight_files, weights_digest
-
-    directory = resolve_spec(spec, "pipeline")
-    return "built in code" if directory is None else weights_digest(directory, weight_files(directory))
 
 
 def _check_encoder(s: Scenario) -> None:
@@ -448,7 +439,7 @@ def identity_columns(directory: Path | None, files: list[Path] | None) -> dict[s
         if not record.get("parent"):  # the root: a model trained from scratch (a builtin's record)
             lineage.append(f"{record.get('stage')} (trained, no parent)")
             continue
-        parent = record.get("parent") or {}
+        parent = record["parent"]
         digest = parent.get("weights_sha256")
         if digest:
             named = f" [{digest[:12]}]"

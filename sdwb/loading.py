@@ -77,6 +77,16 @@ def resolve_spec(spec: str, kind: str = "pipeline") -> Path | None:
     raise SdwbError(f"model directory not found: {path.resolve()} (expected a {_layout(kind)} directory)")
 
 
+
+def spec_digest(spec: str) -> str:
+    """The weights digest a bench row of the model ``spec`` records (``weights_digest`` over its
+    weight files), or ``BUILT_IN_CODE`` for a builtin made in code (sd15-arch / sdxl-arch)."""
+    from sdwb.variants.files import BUILT_IN_CODE, weight_files, weights_digest
+
+    directory = resolve_spec(spec, "pipeline")
+    return BUILT_IN_CODE if directory is None else weights_digest(directory, weight_files(directory))
+
+
 def _layout(kind: str) -> str:
     return "diffusers StableDiffusion(XL)Pipeline" if kind == "pipeline" else "Hugging Face CLIPModel"
 

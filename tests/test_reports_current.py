@@ -37,8 +37,8 @@ def _recorded(data: dict) -> list[tuple[str, str | None]]:
 
 def stale_results(reports: Path) -> tuple[list[str], int]:
     """``(problems, digests checked)`` over every results.json under ``reports`` not marked superseded."""
-    from sdwb.loading import resolve_spec
-    from sdwb.variants.files import weight_files, weights_digest
+    from sdwb.loading import spec_digest
+    from sdwb.variants.files import BUILT_IN_CODE
 
     shipped: dict[str, str] = {}
     problems, checked = [], 0
@@ -47,9 +47,8 @@ def stale_results(reports: Path) -> tuple[list[str], int]:
             continue
         for spec, digest in _recorded(json.loads(path.read_text())):
             if spec not in shipped:
-                directory = resolve_spec(spec, "pipeline")  # None: built in code, no weights to name
-                shipped[spec] = weights_digest(directory, weight_files(directory)) if directory else None
-            if shipped[spec] is None:
+                shipped[spec] = spec_digest(spec)
+            if shipped[spec] == BUILT_IN_CODE:  # no weights to name
                 continue
             checked += 1
             if digest is None:
@@ -88,13 +87,11 @@ def test_a_result_on_other_weights_is_found_unless_superseded(tmp_path):
         {"model": "builtin:tiny-shapes", "export_dir": "exports/ort", "weights_sha256": "1" * 64}]}))
     problems, _ = stale_results(tmp_path)
     assert any("exported" in p and "records no weights digest" in p for p in problems)
-    from sdwb.loading import resolve_spec
-    from sdwb.variants.files import weight_files, weights_digest
+    from sdwb.loading import spec_digest
 
-    tiny = resolve_spec("builtin:tiny-shapes", "pipeline")
     (exported / "results.json").write_text(json.dumps({"rows": [
         {"model": "builtin:tiny-shapes", "export_dir": "exports/ort", "weights_sha256": "1" * 64,
-         "source_weights_sha256": weights_digest(tiny, weight_files(tiny))}]}))
+         "source_weights_sha256": spec_digest("builtin:tiny-shapes")}]}))
     assert not [p for p in stale_results(tmp_path)[0] if "exported" in p]
     (report / SUPERSEDED).write_text("kept for the record: measured on the previous weights\n")
     assert stale_results(tmp_path) == ([], 1)  # only the exported row's source is left to check

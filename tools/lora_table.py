@@ -162,11 +162,13 @@ def main(argv: list[str] | None = None) -> None:
                     row["lora_retained"], row["lora_retained_lo"], row["lora_retained_hi"] = kept
             row["per_prompt"] = {"ring": ring.tolist(), "clip": [round(float(c), 3) for c in clip]}
             rows.append(row)
+    from sdwb.loading import spec_digest
+
     args.out.mkdir(parents=True, exist_ok=True)
     model_hashes = {}
     for v in variants:
         for spec in filter(None, (v["model"], v["fused"])):
-            model_hashes[spec] = _weights_hash(spec)
+            model_hashes[spec] = spec_digest(spec)
     result = {
         "command": "python -m tools.lora_table " + " ".join(argv if argv is not None else sys.argv[1:]),
         "git_revision": git_revision(),
@@ -218,15 +220,6 @@ def _is_distilled(spec: str) -> bool:
     from sdwb.inference import for_spec
 
     return bool(for_spec(spec))
-
-
-def _weights_hash(spec: str) -> str:
-    """The digest of the weight files the spec names (what a bench row's ``weights_sha256`` holds)."""
-    from sdwb.loading import resolve_spec
-    from sdwb.variants.files import weight_files, weights_digest
-
-    path = resolve_spec(spec, "pipeline")
-    return "built in code" if path is None else weights_digest(path, weight_files(path))
 
 
 def _grid(generated, variants, prompts, count: int, path: Path) -> None:

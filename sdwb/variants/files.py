@@ -89,6 +89,9 @@ def weights_digest(root: Path, files: Iterable[Path]) -> str:
     return _digest((f.relative_to(root).as_posix(), sha256_cached(f)) for f in sorted(Path(f) for f in files))
 
 
+BUILT_IN_CODE = "built in code"  # the digest recorded for a builtin made in code (no weight files)
+
+
 def record_digest(record: dict) -> str | None:
     """The same digest from a variant record's own ``files`` hashes (no file is read), or None."""
     files = record.get("files") if isinstance(record, dict) else None
