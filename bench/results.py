@@ -46,7 +46,8 @@ COLUMNS = REQUIRED_COLUMNS + EXTRA_COLUMNS
 RESULTS_CSV, RESULTS_JSON = "results.csv", "results.json"
 PARTIAL_CSV, PARTIAL_JSON = "results.partial.csv", "results.partial.json"
 LIBRARIES = ("torch", "diffusers", "transformers", "torchmetrics", "torch_pruning", "numpy", "pandas",
-             "onnx", "onnxruntime", "tensorrt", "pydantic")
+             "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf", "torchao", "tomesd", "peft",
+             "tensorrt", "pydantic")
 
 
 def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -438,6 +438,11 @@ def test_sdwb_bench_end_to_end(tmp_path, tiny_pipeline_dir, judge_dir, monkeypat
     data = json.loads((out / "results.json").read_text())
     assert data["complete"] and not (out / "results.partial.json").exists()
     assert (out / "config.resolved.yaml").is_file() and data["environment"]["libraries"]["torch"]
+    from importlib.util import find_spec  # every engine the row could have run names its version
+
+    libs = data["environment"]["libraries"]
+    assert {"onnxruntime", "openvino", "nncf", "torchao"} <= set(libs)
+    assert (libs["openvino"] is not None) == (find_spec("openvino") is not None)
     if HAVE_QUALITY:
         assert "not applicable" in df.loc["arch", "quality_note"]
         # measured, not placeholders: the CLIP score inside its interval, an accuracy of 2 images
