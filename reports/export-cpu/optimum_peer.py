@@ -44,6 +44,26 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".onnx_data", ".data", ".plan")
+
+
+def weights_sha256(directory: Path) -> str:
+    """The digest sdwb's bench records as a row's ``weights_sha256`` (``sdwb.variants.files``:
+    sha256 over sorted ``relative path:sha256`` lines of the weight files, safetensors winning per
+    folder), recomputed here without importing sdwb, so the peer can refuse other weights."""
+    import hashlib
+
+    files: list[Path] = []
+    folders = sorted({p.parent for p in directory.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()})
+    for folder in folders:
+        here = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        files += [p for p in here if p.suffix == ".safetensors"] or here
+    digest = hashlib.sha256()
+    for f in sorted(files):
+        digest.update(f"{f.relative_to(directory).as_posix()}:{hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
 def compat_copy(src: Path, dst: Path) -> list[str]:
     """A copy of a transformers-5-saved pipeline that transformers 4.57 (optimum's pin) loads.
 
@@ -158,7 +178,12 @@ def main() -> None:
     prompts = results["prompts"]
     ref_files = results["images"][base["variant"]]
     steps, guidance, seed = int(base["steps"]), float(base["guidance"]), int(base["seed"])
-    out: dict = {"model": args.model, "baseline_row": base["variant"], "steps": steps, "guidance": guidance,
+    digest = weights_sha256(Path(args.model))
+    if base.get("weights_sha256") != digest:  # fail closed: compare the weights the bench measured
+        raise SystemExit(f"error: {args.model} has weights {digest[:16]}, the bench row {base['variant']!r} "
+                         f"measured {str(base.get('weights_sha256'))[:16]}: not the same model")
+    out: dict = {"model": args.model, "weights_sha256": digest, "baseline_row": base["variant"],
+                 "steps": steps, "guidance": guidance,
                  "seed": seed, "n_prompts": len(prompts), "threads": args.threads,
                  "machine": {"cpu": cpu_model(), "cores": os.cpu_count()}}
     import importlib.metadata as md
