@@ -37,7 +37,13 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
+    import yaml
+
     from bench.results import environment
+    from sdwb.loading import spec_digest
+
+    model = yaml.safe_load(Path(ROOT, args.config).read_text())["measure"]["model"]
+    weights = {"model": model, "weights_sha256": spec_digest(model)}  # what every trial measured
 
     work = args.out.with_suffix("")
     kinds = {"aa": 0.0, "slow": args.slowdown}
@@ -72,7 +78,7 @@ def main() -> None:
                               "error (exit 2)": sum(r["exit"] == 2 for r in rows)}
             args.out.write_text(json.dumps({
                 "command": "python " + " ".join(sys.argv), "base": args.base, "config": args.config,
-                "environment": environment(), "seconds": round(time.time() - started, 1),
+                "environment": environment(), "weights": weights, "seconds": round(time.time() - started, 1),
                 "mean_seconds_per_trial": round((time.time() - started) / len(trials), 1),
                 "summary": summary, "trials": trials}, indent=1) + "\n")
 
