@@ -2,6 +2,7 @@
 # Make every step-distilled student the distillation-cpu benchmark reads (runs/ is git-ignored).
 #   bash reports/distillation-cpu/make_variants.sh gd      # guidance 4 distilled: 32 -> 16 (1200 steps) -> 8 -> 4 -> 2 (400 each)
 #   bash reports/distillation-cpu/make_variants.sh gd75    # guidance 7.5 distilled: 32 -> 16 -> 8 in one run, -> 4 -> 2 (400 each)
+#   bash reports/distillation-cpu/make_variants.sh gd75l   # guidance 7.5 distilled with gd's budgets: 32 -> 16 (1200) -> 8 -> 4 -> 2 (400 each)
 #   bash reports/distillation-cpu/make_variants.sh cfg     # no guidance distilled (CFG 7.5 at sampling): 32 -> ... -> 2 (250 each)
 #   bash reports/distillation-cpu/make_variants.sh lcm     # latent consistency, guidance 4, one run of 800 steps (configs/distill/lcm4.yaml)
 #   bash reports/distillation-cpu/make_variants.sh lcm75   # the same at guidance 7.5
@@ -10,7 +11,7 @@
 # Each command is resumable; a finished student is skipped. Set OMP_NUM_THREADS=1 to run two chains
 # side by side on a 2-core machine. Each round distils the previous student further.
 set -euo pipefail
-chain="${1:?usage: $0 gd|gd75|cfg|lcm|lcm75}"
+chain="${1:?usage: $0 gd|gd75|gd75l|cfg|lcm|lcm75}"
 D=runs/distill/tiny-shapes
 C=configs/distill/distill4.yaml
 mkdir -p "$D"
@@ -34,6 +35,10 @@ case "$chain" in
       sdwb compress distill -c $C --guidance 7.5 --set guidance_budget=null --teacher-steps 32 --student-steps 8 \
         -o "$D/gd75-8step"
     halve gd75 8 4; halve gd75 4 2 ;;
+  gd75l)
+    [ -f "$D/gd75l-16step/sdwb.json" ] || \
+      sdwb compress distill -c $C --guidance 7.5 --teacher-steps 32 --student-steps 16 -o "$D/gd75l-16step"
+    halve gd75l 16 8; halve gd75l 8 4; halve gd75l 4 2 ;;
   cfg)
     [ -f "$D/cfg-8step/sdwb.json" ] || \
       sdwb compress distill "${later[@]}" --teacher-steps 32 --student-steps 8 --budget 250 -o "$D/cfg-8step"
@@ -44,5 +49,5 @@ case "$chain" in
     [ -f "$D/lcm75-4step/sdwb.json" ] || \
       sdwb compress distill -c configs/distill/lcm4.yaml --guidance 7.5 -o "$D/lcm75-4step" ;;
   *)
-    echo "usage: $0 gd|gd75|cfg|lcm|lcm75" >&2; exit 2 ;;
+    echo "usage: $0 gd|gd75|gd75l|cfg|lcm|lcm75" >&2; exit 2 ;;
 esac
