@@ -429,11 +429,11 @@ def identity_columns(directory: Path | None, files: list[Path] | None) -> dict[s
     its records, newest first: ``stage method <- parent spec [the parent's weights_sha256]``; records
     written before parents were hashed fall back to ``{files ...}``, the digest of the files the
     parent's own record lists, and name no digest for a builtin parent)."""
-    from sdwb.variants.files import record_digest, weights_digest
+    from sdwb.variants.files import BUILT_IN_CODE, record_digest, weights_digest
     from sdwb.variants.record import ancestry, read_record
 
     if directory is None or not files:
-        return {"weights_sha256": "built in code" if directory is None else None, "lineage": None}
+        return {"weights_sha256": BUILT_IN_CODE if directory is None else None, "lineage": None}
     lineage = []
     for record in ancestry(read_record(directory) if directory.is_dir() else None):
         if not record.get("parent"):  # the root: a model trained from scratch (a builtin's record)

@@ -32,7 +32,9 @@ def _recorded(data: dict) -> list[tuple[str, str | None]]:
     models = data.get("models") or {}
     pairs = [(row["model"], _digest(row) or models.get(row["model"])) for row in rows]
     pairs += [(spec, digest) for spec, digest in models.items() if spec.startswith("builtin:")]
-    return [(spec, digest) for spec, digest in pairs if digest != "built in code"]
+    from sdwb.variants.files import BUILT_IN_CODE
+
+    return [(spec, digest) for spec, digest in pairs if digest != BUILT_IN_CODE]
 
 
 def stale_results(reports: Path) -> tuple[list[str], int]:

@@ -37,12 +37,11 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    import yaml
-
+    from bench.gate import load_gate_config
     from bench.results import environment
     from sdwb.loading import spec_digest
 
-    model = yaml.safe_load(Path(ROOT, args.config).read_text())["measure"]["model"]
+    model = load_gate_config(Path(ROOT, args.config)).measure.model
     weights = {"model": model, "weights_sha256": spec_digest(model)}  # what every trial measured
 
     work = args.out.with_suffix("")
