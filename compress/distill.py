@@ -206,8 +206,9 @@ class _Round:
     """One round's training state; :meth:`step` is one optimizer step (resumable by ``step``)."""
 
     def __init__(self, index, config, plan, teacher, student, conditioner, pool, empty_ids, scaling,
-                 accelerator, drop_captions: bool):
+                 accelerator, drop_captions: bool, trajectories: dict | None = None):
         self.index, self.config, self.plan, self.drop_captions = index, config, plan, drop_captions
+        self.trajectories = trajectories  # the teacher's paths (trajectory_fraction), or None
         self.teacher, self.student, self.conditioner = teacher, student, conditioner
         self.pool, self.empty_ids, self.scaling = pool, empty_ids, scaling
         self.accelerator = accelerator
@@ -226,9 +227,11 @@ class _Round:
         return self.conditioner(ids.to(self.accelerator.device))
 
     def batch(self, step: int):
-        """(x0, noise, j, cond, uncond) of ``step``: a function of (seed, round, step) only, drawn
+        """(x0, noise, j, cond, uncond, z_t) of ``step``: a function of (seed, round, step) only, drawn
         whole (``batch`` rows) by every process; under ``accelerate launch`` each process takes its
-        share of the rows (:func:`sdwb.train.common.rank_rows`)."""
+        share of the rows (:func:`sdwb.train.common.rank_rows`). ``z_t`` is None unless the round
+        has teacher paths: then the first ``trajectory_fraction`` of the rows start on a path (their
+        ``x0``/``noise`` unused) and the rest at ``x0`` noised to ``j``."""
         from sdwb.train.common import rank_rows, step_generator
 
         cfg, acc = self.config, self.accelerator
@@ -241,20 +244,33 @@ class _Round:
         drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
         if self.drop_captions:  # a student sampled with CFG keeps its unconditional branch
             ids[drop] = self.empty_ids
-        j = torch.randint(0, METHODS[self.plan.method].points(self.plan), (cfg.batch,), generator=gen)
+        points = METHODS[self.plan.method].points(self.plan)
+        j = torch.randint(0, points, (cfg.batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        z_t = None
+        if self.trajectories is not None:  # drawn after the data rows: a run without paths is unchanged
+            from compress.progressive import start_points
+
+            k = round(cfg.trajectory_fraction * cfg.batch)
+            paths = self.trajectories
+            pick = torch.randint(0, len(paths["z"]), (k,), generator=gen)
+            j[:k] = torch.randint(0, points, (k,), generator=gen)
+            ids[:k] = paths["input_ids"][pick]
+            z_t = start_points(x0, noise, j, self.plan)
+            z_t[:k] = paths["z"][pick, j[:k]]
         rows = rank_rows(cfg.batch, acc)
         x0, ids, j, noise = x0[rows], ids[rows], j[rows], noise[rows]
         device = acc.device
         cond = self._embed(ids)
         uncond = expand(self._embed(self.empty_ids[None]), len(ids)) if self.plan.guidance > 1.0 else None
-        return x0.to(device), noise.to(device), j, cond, uncond
+        z_t = None if z_t is None else z_t[rows].to(device)
+        return x0.to(device), noise.to(device), j, cond, uncond, z_t
 
     def step(self, step: int, lr_factor: float) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * lr_factor
-        x0, noise, j, cond, uncond = self.batch(step)
-        loss, per_sample = METHODS[self.plan.method].loss(self, x0, noise, j, cond, uncond)
+        x0, noise, j, cond, uncond, z_t = self.batch(step)
+        loss, per_sample = METHODS[self.plan.method].loss(self, x0, noise, j, cond, uncond, z_t)
         self.accelerator.backward(loss)
         self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
@@ -435,9 +451,26 @@ def distill(
             say(f"round {r + 1}: reusing {done}")
         else:
             teacher = current.eval().requires_grad_(False)
+            paths, path_seconds = None, None
+            if config.trajectory_fraction:
+                say(f"round {r + 1}: sampling {config.trajectory_pool} teacher paths")
+                clock = time.perf_counter()
+                with accelerator.main_process_first():  # the main process samples, the others read
+                    from compress.trajectories import TRAJECTORY_FILE, teacher_trajectories
+                    from sdwb.train.common import step_generator
+
+                    paths = teacher_trajectories(
+                        teacher, conditioner, pool["input_ids"], empty_ids, plan, config.trajectory_pool,
+                        step_generator(config.seed, 0, stream=2000 + r), path=directory / TRAJECTORY_FILE,
+                        progress=progress and main)
+                path_seconds = round(time.perf_counter() - clock, 3)
             rnd = _Round(r, config, plan, teacher, student, conditioner, pool, empty_ids, scaling,
-                         accelerator, drop_captions=not (config.guidance_distill or absorbed))
+                         accelerator, drop_captions=not (config.guidance_distill or absorbed),
+                         trajectories=paths)
             metrics = _train_round(rnd, directory, work / "train_log.jsonl", progress)
+            if paths is not None:
+                metrics["trajectory_paths"] = config.trajectory_pool
+                metrics["trajectory_seconds"] = path_seconds
             if rnd.ema is not None:
                 rnd.ema.copy_to(student)
             from sdwb.runs import atomic_write_json

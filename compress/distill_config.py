@@ -79,6 +79,13 @@ class DistillConfig(BaseModel):
         0.1, ge=0.0, lt=1.0, description="empty-prompt fraction (keeps the unconditional branch for CFG); "
         "unused with guidance_distill, whose student never sees an empty prompt")
     latent_pool: int = Field(4096, ge=1, description="train-stream images pre-encoded by the model's VAE")
+    trajectory_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="progressive: the share of each batch that starts on the round "
+        "teacher's own (guided) DDIM path from noise, at the student's grid point, instead of at a noised "
+        "train-stream latent: the points the student walks at inference (compress/trajectories.py)")
+    trajectory_pool: int = Field(
+        1024, ge=1, description="teacher paths sampled per round for trajectory_fraction (each costs the "
+        "round's teacher steps of UNet calls, once; cached in the work directory)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast for the UNet calls")
     target_ema: float = Field(
         0.95, gt=0.0, lt=1.0, description="lcm: EMA decay of the target network (stop-gradient) per step")
@@ -97,6 +104,9 @@ class DistillConfig(BaseModel):
     @model_validator(mode="after")
     def _schedule(self) -> DistillConfig:
         REGISTRY[self.method].validate(self)
+        if self.trajectory_fraction and not REGISTRY[self.method].trajectory_starts:
+            raise ValueError(f"trajectory_fraction: method {self.method} draws its own start points "
+                             "(only progressive starts on the teacher's paths); leave it at 0")
         return self
 
     @property

@@ -24,12 +24,14 @@ class DistillMethod:
     - ``scheduler(scheduler_config, config)``: the student's diffusers scheduler (saved with it);
     - ``check_grids(teacher_grid, student_grid, num_train_timesteps)``: refuse grids it cannot use;
     - ``points(plan)``: how many grid points a batch draws its index ``j`` from;
-    - ``loss(round, x0, noise, j, cond, uncond)``: ``(loss, per-sample x-space error or None)``;
+    - ``loss(round, x0, noise, j, cond, uncond, z_t)``: ``(loss, per-sample x-space error or None)``;
+      ``z_t``: the rows' start points when the batch gave them (``trajectory_fraction``), else None;
     - ``inference(config, guidance, distilled, absorbed)``: the student's recorded ``inference``
       block without the shared keys (steps, guidance, call counts);
     - ``target_network``: the method trains against an EMA copy of the student (stop-gradient);
     - ``guidance_every_run``: the method distils guidance in every run, also from a source whose
-      guidance is already distilled (else guidance is distilled once, in round 1).
+      guidance is already distilled (else guidance is distilled once, in round 1);
+    - ``trajectory_starts``: the loss takes given start points ``z_t`` (``trajectory_fraction``).
     """
 
     name: str
@@ -43,6 +45,7 @@ class DistillMethod:
     inference: Callable
     target_network: bool = False
     guidance_every_run: bool = False
+    trajectory_starts: bool = False
 
 
 METHODS: dict[str, DistillMethod] = {}

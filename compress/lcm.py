@@ -111,8 +111,8 @@ def _scheduler(scheduler_config: dict, config):
     return LCMScheduler.from_config(scheduler_config, original_inference_steps=config.teacher_steps)
 
 
-def _loss(rnd, x0, noise, n, cond, uncond):
-    plan = rnd.plan
+def _loss(rnd, x0, noise, n, cond, uncond, z_t=None):
+    plan = rnd.plan  # z_t is always None: lcm noises the data at its own grid points
 
     def teacher_fn(z, t):
         return teacher_prediction(rnd.teacher, z, t, cond, uncond, plan.guidance, plan.precision)

@@ -56,16 +56,24 @@ def teacher_two_steps(teacher, z_t, j, cond, uncond, plan) -> torch.Tensor:
     return ddim_step(pred, z_mid, tg.alpha_bar[i1], tg.alpha_bar_prev[i1], plan.prediction_type)
 
 
-def round_loss(student, teacher, x0, noise, j, cond, uncond, plan):
+def start_points(x0, noise, j, plan) -> torch.Tensor:
+    """``z_t`` of data rows: clean latents ``x0`` noised with ``noise`` to student grid point ``j``."""
+    a = plan.student.alpha_bar[j].to(x0.device).reshape(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def round_loss(student, teacher, x0, noise, j, cond, uncond, plan, z_t=None):
     """``(loss, per-sample x-space error)`` of one batch: Algorithm 2 of Salimans & Ho.
 
     ``x0`` clean (scaled) latents, ``noise`` their epsilon, ``j`` student grid indices,
-    ``cond``/``uncond`` text embeddings (``uncond`` only used by a guided teacher).
+    ``cond``/``uncond`` text embeddings (``uncond`` only used by a guided teacher); ``z_t``: the
+    start points when given (rows from the teacher's paths, :mod:`compress.trajectories`), else
+    ``x0`` noised to ``j``.
     """
     sg = plan.student
     abar_t = sg.alpha_bar[j]
-    a = abar_t.to(x0.device).reshape(-1, 1, 1, 1)
-    z_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    if z_t is None:
+        z_t = start_points(x0, noise, j, plan)
     t = sg.timesteps[j].to(x0.device)
     z_target = teacher_two_steps(teacher, z_t, j, cond, uncond, plan)
     x0_target, _ = student_target(z_t, z_target, abar_t, sg.alpha_bar_prev[j], plan.prediction_type)
@@ -105,8 +113,8 @@ def _scheduler(scheduler_config: dict, config):
     return DDIMScheduler.from_config(scheduler_config)
 
 
-def _loss(rnd, x0, noise, j, cond, uncond):
-    return round_loss(rnd.model, rnd.teacher, x0, noise, j, cond, uncond, rnd.plan)
+def _loss(rnd, x0, noise, j, cond, uncond, z_t=None):
+    return round_loss(rnd.model, rnd.teacher, x0, noise, j, cond, uncond, rnd.plan, z_t)
 
 
 register(DistillMethod(
@@ -119,4 +127,5 @@ register(DistillMethod(
     points=lambda plan: plan.student.steps,
     loss=_loss,
     inference=lambda config, absorbed: {"scheduler": "ddim", "eta": 0.0, "timestep_spacing": "trailing"},
+    trajectory_starts=True,
 ))

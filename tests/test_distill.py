@@ -455,3 +455,78 @@ def test_every_registered_distill_method_is_a_config_choice_and_trains_its_own_w
         assert cfg.round_steps() == method.round_steps(cfg) and cfg.rounds == len(cfg.round_steps())
     with pytest.raises(SdwbError, match="unknown method 'consistency'"):
         parse_distill_config({"method": "consistency"})
+
+
+# ------------------------------------------------------------------ start points on the teacher's paths
+
+
+def test_teacher_paths_are_diffusers_guided_ddim_latents_at_the_students_points(tiny):
+    """Each kept latent is where plain diffusers DDIM with CFG (the pipeline's formula) stands at
+    teacher point 2j, from the same noise: the student starts where it will walk at inference."""
+    from diffusers import DDIMScheduler
+
+    from compress.trajectories import teacher_trajectories
+    from sdwb.conditioning import TextConditioner
+    from sdwb.train.unet import tokenize
+
+    config = student_scheduler_config(tiny.scheduler.config)
+    plan = RoundPlan(ddim_grid(config, 8), ddim_grid(config, 4), 3.0, config["prediction_type"],
+                     "truncated-snr")
+    ids = tokenize(PROMPTS, tiny.tokenizer)
+    empty = tokenize([""], tiny.tokenizer)[0]
+    paths = teacher_trajectories(tiny.unet, TextConditioner(tiny), ids, empty, plan, 3,
+                                 torch.Generator().manual_seed(4), batch=2)
+    assert paths["z"].shape == (3, 4, 4, 16, 16) and paths["input_ids"].shape == (3, ids.shape[1])
+    sched = DDIMScheduler.from_config(config)
+    sched.set_timesteps(8)
+    with torch.no_grad():
+        for row in range(3):
+            cond = tiny.text_encoder(paths["input_ids"][row : row + 1])[0]
+            uncond = tiny.text_encoder(empty[None])[0]
+            z = paths["z"][row, 0:1].clone()  # point 0 is the path's noise
+            for i, t in enumerate(sched.timesteps[:6]):
+                if i % 2 == 0:
+                    torch.testing.assert_close(z, paths["z"][row, i // 2 : i // 2 + 1], rtol=1e-4, atol=1e-4)
+                u, c = tiny.unet(torch.cat([z, z]), t, torch.cat([uncond, cond])).sample.chunk(2)
+                z = sched.step(u + 3.0 * (c - u), t, z).prev_sample
+            torch.testing.assert_close(z, paths["z"][row, 3:4], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(paths["z"][:, 0], paths["z"][:, 3], atol=1e-2)  # the paths move
+
+
+def test_trajectory_rows_start_on_the_paths_and_the_rest_on_noised_data(tiny_pipeline_dir, tmp_path,
+                                                                        monkeypatch):
+    """With trajectory_fraction 0.5 half of each batch starts on a teacher path (its latent and its
+    caption), the other half at x0 noised to j; the round records how many paths it sampled."""
+    from compress import distill as distill_mod
+
+    seen = []
+    original = distill_mod._Round.batch
+
+    def spy(self, step):
+        out = original(self, step)
+        seen.append((self, out))
+        return out
+
+    monkeypatch.setattr(distill_mod._Round, "batch", spy)
+    cfg = parse_distill_config({"teacher_steps": 8, "student_steps": 4, "guidance_distill": True, **FAST,
+                                "trajectory_fraction": 0.5, "trajectory_pool": 5})
+    result = distill(str(tiny_pipeline_dir), cfg, tmp_path / "gd4t", progress=False)
+    assert result.rounds[0]["trajectory_paths"] == 5 and result.rounds[0]["trajectory_seconds"] >= 0
+    record = json.loads((tmp_path / "gd4t" / "sdwb.json").read_text())
+    assert record["config"]["trajectory_fraction"] == 0.5
+    rnd, (x0, noise, j, cond, uncond, z_t) = seen[0]
+    paths = rnd.trajectories["z"]
+    for row in range(2):  # 0.5 of batch 4: rows 0-1 are path latents at their point j
+        assert any(torch.equal(z_t[row], paths[p, j[row]]) for p in range(len(paths)))
+    from compress.progressive import start_points
+
+    torch.testing.assert_close(z_t[2:], start_points(x0[2:], noise[2:], j[2:], rnd.plan))
+    assert not any(torch.equal(z_t[2], paths[p, j[2]]) for p in range(len(paths)))
+
+
+def test_trajectory_fraction_is_refused_for_a_method_that_draws_its_own_starts():
+    with pytest.raises(SdwbError, match="trajectory_fraction: method lcm"):
+        parse_distill_config({"method": "lcm", "teacher_steps": 8, "student_steps": 2,
+                              "trajectory_fraction": 0.5})
+    with pytest.raises(SdwbError, match="trajectory_fraction"):
+        parse_distill_config({"trajectory_fraction": 1.5})
