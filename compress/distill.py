@@ -256,6 +256,8 @@ class _Round:
             pick = torch.randint(0, len(paths["z"]), (k,), generator=gen)
             j[:k] = torch.randint(0, points, (k,), generator=gen)
             ids[:k] = paths["input_ids"][pick]
+            if self.drop_captions:  # the same caption dropout as the data rows
+                ids[:k][drop[:k]] = self.empty_ids
             z_t = start_points(x0, noise, j, self.plan)
             z_t[:k] = paths["z"][pick, j[:k]]
         rows = rank_rows(cfg.batch, acc)
@@ -468,7 +470,7 @@ def distill(
                          accelerator, drop_captions=not (config.guidance_distill or absorbed),
                          trajectories=paths)
             metrics = _train_round(rnd, directory, work / "train_log.jsonl", progress)
-            if paths is not None:
+            if paths is not None:  # seconds to sample the paths (or, resumed, to read them back)
                 metrics["trajectory_paths"] = config.trajectory_pool
                 metrics["trajectory_seconds"] = path_seconds
             if rnd.ema is not None:

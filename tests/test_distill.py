@@ -530,3 +530,26 @@ def test_trajectory_fraction_is_refused_for_a_method_that_draws_its_own_starts()
                               "trajectory_fraction": 0.5})
     with pytest.raises(SdwbError, match="trajectory_fraction"):
         parse_distill_config({"trajectory_fraction": 1.5})
+
+
+def test_path_rows_keep_the_caption_dropout_of_a_student_sampled_with_cfg(tiny_pipeline_dir, tmp_path,
+                                                                          monkeypatch):
+    """Without guidance distillation the student keeps its unconditional branch: rows that start on a
+    teacher path (here every row) are dropped to the empty prompt at caption_dropout like data rows;
+    path captions are never empty, so an empty row can only come from the dropout."""
+    from compress import distill as distill_mod
+
+    captured = []
+    embed = distill_mod._Round._embed
+
+    def record(self, ids):
+        captured.append((self, ids.clone()))
+        return embed(self, ids)
+
+    monkeypatch.setattr(distill_mod._Round, "_embed", record)
+    cfg = parse_distill_config({"teacher_steps": 4, "student_steps": 2, **FAST, "budget": 1,
+                                "caption_dropout": 0.9, "trajectory_fraction": 1.0, "trajectory_pool": 3})
+    distill(str(tiny_pipeline_dir), cfg, work_dir=tmp_path / "w", progress=False)
+    rnd, ids = next((r, i) for r, i in captured if len(i) == FAST["batch"])  # the first training batch
+    assert not any(bool((row == rnd.empty_ids).all()) for row in rnd.trajectories["input_ids"])
+    assert any(bool((row == rnd.empty_ids).all()) for row in ids)
