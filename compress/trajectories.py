@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from compress.ddim_targets import ddim_step
-from compress.progressive import teacher_prediction
+from compress.progressive import teacher_two_steps
 from sdwb.conditioning import expand
 
 TRAJECTORY_FILE = "trajectories.safetensors"
@@ -44,7 +43,7 @@ def teacher_trajectories(teacher, conditioner, pool_ids: torch.Tensor, empty_ids
         saved = load_file(path)
         if len(saved["z"]) == count:
             return saved
-    grid, points = plan.teacher, plan.student.steps
+    points = plan.student.steps
     cfg = teacher.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
     rows = torch.randint(0, len(pool_ids), (count,), generator=generator)
@@ -59,15 +58,10 @@ def teacher_trajectories(teacher, conditioner, pool_ids: torch.Tensor, empty_ids
         z = noise[start:stop].to(device)
         cond = conditioner(ids[start:stop].to(device))
         uncond = expand(conditioner(empty_ids[None].to(device)), n) if plan.guidance > 1.0 else None
-        for i in range(2 * points - 1):  # the last point kept is teacher point 2 (points - 1)
-            if i % 2 == 0:
-                paths[start:stop, i // 2] = z.float().cpu()
-                if i == 2 * points - 2:
-                    break
-            t = grid.timesteps[i].expand(n).to(device)
-            pred = teacher_prediction(teacher, z, t, cond, uncond, plan.guidance, plan.precision)
-            z = ddim_step(pred, z, grid.alpha_bar[i].expand(n), grid.alpha_bar_prev[i].expand(n),
-                          plan.prediction_type)
+        for j in range(points):  # the round's own two teacher steps from point j land on point j + 1
+            paths[start:stop, j] = z.float().cpu()
+            if j < points - 1:
+                z = teacher_two_steps(teacher, z, torch.full((n,), j), cond, uncond, plan)
     made = {"z": paths.contiguous(), "input_ids": ids.contiguous()}
     if path is not None:
         tmp = path.with_name(path.name + ".tmp")
