@@ -96,9 +96,10 @@ def latent_pool(pipe, count: int, path: Path | None = None, progress: bool = Fal
     (``shapes.EVAL_SEED_BASE``: held-out images); default the train stream."""
     import numpy as np
     from rich.progress import track
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     from sdwb import shapes
+    from sdwb.runs import atomic_write_bytes
     from sdwb.train.unet import tokenize
     from sdwb.train.vae import images_to_vae_input
 
@@ -124,9 +125,7 @@ def latent_pool(pipe, count: int, path: Path | None = None, progress: bool = Fal
     pool = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
             "input_ids": torch.cat(ids).contiguous()}
     if path is not None:
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(pool, tmp)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, save(pool))
     return pool
 
 
@@ -355,11 +354,11 @@ def _train_round(rnd: _Round, directory: Path, log_path: Path, progress: bool) -
 
 
 def _save_state(module: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    from sdwb.runs import atomic_write_bytes
+
+    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}))
 
 
 # --------------------------------------------------------------------------- the verb

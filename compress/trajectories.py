@@ -17,7 +17,6 @@ directory so a resumed run reads the same paths.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -37,7 +36,9 @@ def teacher_trajectories(teacher, conditioner, pool_ids: torch.Tensor, empty_ids
     ``plan.guidance``) from its noise stands at teacher point ``2 j``. Read from ``path`` when it
     holds ``count`` paths, else made and written there."""
     from rich.progress import track
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
+
+    from sdwb.runs import atomic_write_bytes
 
     if path is not None and path.is_file():
         saved = load_file(path)
@@ -64,7 +65,5 @@ def teacher_trajectories(teacher, conditioner, pool_ids: torch.Tensor, empty_ids
                 z = teacher_two_steps(teacher, z, torch.full((n,), j), cond, uncond, plan)
     made = {"z": paths.contiguous(), "input_ids": ids.contiguous()}
     if path is not None:
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(made, tmp)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, save(made))
     return made
